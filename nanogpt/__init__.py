@@ -1,0 +1,12 @@
+"""nanogpt: train character-level GPT language models with PyTorch Lightning.
+
+The network and tokenizer import without Lightning; the training parts live in
+nanogpt.module (LightningModule), nanogpt.data (LightningDataModule) and nanogpt.cli (LightningCLI).
+"""
+
+from nanogpt.errors import NanoGPTError
+from nanogpt.model import GPT, GPTConfig
+from nanogpt.tokenizer import CharTokenizer
+
+__version__ = "0.1.0"
+__all__ = ["GPT", "GPTConfig", "CharTokenizer", "NanoGPTError", "__version__"]

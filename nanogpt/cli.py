@@ -1,0 +1,136 @@
+"""The training command line: LightningCLI with a run directory per run.
+
+    python train.py --config configs/shakespeare_char.yaml [--trainer.* --model.* --data.*] [--ckpt_path last|FILE]
+
+Everything a run writes lives in its run dir (--trainer.default_root_dir, default out/<config name>):
+checkpoints in RUN/checkpoints (last.ckpt, best.ckpt), TensorBoard events and the resolved config.yaml in RUN.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from jsonargparse import ArgumentError
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from nanogpt.callbacks import RunCheckpoint
+from nanogpt.data import CharDataModule
+from nanogpt.errors import NanoGPTError
+from nanogpt.module import GPTModule
+
+# Trainer settings that suit step-based GPT training; a config file or flag overrides each.
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "max_epochs": -1,  # the training stream is endless: max_steps ends the run
+    "max_steps": 5000,
+    "val_check_interval": 250,  # batches between validations
+    "check_val_every_n_epoch": None,
+    "log_every_n_steps": 10,
+    "gradient_clip_val": 1.0,
+    "num_sanity_val_steps": 0,
+}
+
+
+def run_dir_for(config_files: list[Any]) -> Path:
+    """The default run dir: out/<name of the last config file>, or out/default without one."""
+    return Path("out") / (Path(str(config_files[-1])).stem if config_files else "default")
+
+
+def resolve_ckpt_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
+    """Turns --ckpt_path into a file path, refusing anything that would lose or overwrite a run's checkpoints."""
+    ckpt_dir = run_dir / "checkpoints"
+    if ckpt_path is None:
+        existing = sorted(ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
+        if existing:
+            raise NanoGPTError(
+                f"run dir {run_dir} already holds checkpoints ({', '.join(p.name for p in existing)}); "
+                "resume it with --ckpt_path last, or start a new run with another --trainer.default_root_dir"
+            )
+        return None
+    if ckpt_path == "last":
+        last = ckpt_dir / "last.ckpt"
+        if not last.is_file():
+            raise NanoGPTError(
+                f"--ckpt_path last: there is no {last} to resume; drop --ckpt_path to start a new run"
+            )
+        return str(last)
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise NanoGPTError(f"checkpoint {ckpt_path} does not exist; pass an existing .ckpt file or --ckpt_path last")
+    return str(path)
+
+
+def default_precision() -> str:
+    """bf16 mixed precision where the GPU supports it, else full precision."""
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+class GPTLightningCLI(LightningCLI):
+    """LightningCLI for GPTModule and CharDataModule, with a run dir, resume and sensible defaults."""
+
+    def __init__(self, args: Optional[list[str]] = None) -> None:
+        self.ckpt_path: Optional[str] = None
+        super().__init__(
+            GPTModule,
+            CharDataModule,
+            args=args,
+            run=False,
+            trainer_defaults=TRAINER_DEFAULTS,
+            seed_everything_default=1337,
+            save_config_kwargs={"overwrite": True},  # a resumed run rewrites its config.yaml
+            auto_configure_optimizers=False,
+            # raise instead of printing the whole usage: main() reports the one line that matters
+            parser_kwargs={"exit_on_error": False},
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--ckpt_path",
+            type=Optional[str],
+            default=None,
+            help="resume from 'last' (RUN/checkpoints/last.ckpt) or from a checkpoint file",
+        )
+        parser.link_arguments("model.block_size", "data.block_size")
+        # only the data knows the vocabulary: hand its size to the model once the data module exists
+        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config
+        trainer = config.trainer
+        if trainer.default_root_dir is None:
+            trainer.default_root_dir = str(run_dir_for(config.get("config") or []))
+        if trainer.precision is None:
+            trainer.precision = default_precision()
+        self.ckpt_path = resolve_ckpt_path(config.ckpt_path, Path(trainer.default_root_dir))
+        if torch.cuda.is_available():
+            torch.set_float32_matmul_precision("high")  # TF32 matmuls: free speed on Ampere and newer
+
+    def instantiate_trainer(self, **kwargs: Any):
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        run_dir = trainer_config["default_root_dir"]
+        if trainer_config.get("logger") in (None, True):
+            # events straight in RUN (no lightning_logs/version_N): a resumed run continues the same run
+            kwargs["logger"] = TensorBoardLogger(save_dir=run_dir, name="", version="", default_hp_metric=False)
+        if trainer_config.get("enable_checkpointing") is not False:
+            callbacks = list(trainer_config.get("callbacks") or [])
+            kwargs["callbacks"] = callbacks + [RunCheckpoint(dirpath=str(Path(run_dir) / "checkpoints"))]
+        return super().instantiate_trainer(**kwargs)
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    """Entry point of train.py and nanogpt-train."""
+    try:
+        cli = GPTLightningCLI(args)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path)
+    except NanoGPTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except ArgumentError as e:
+        message = " ".join(str(e).split())  # jsonargparse's messages can span lines
+        print(f"error: {message} (see train.py --help for the accepted options)", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,8 @@
+"""The one exception type for mistakes a user can make: bad input, config, data or checkpoint."""
+
+
+class NanoGPTError(Exception):
+    """A user-facing error: its message is one line that says what was wrong, where and how to fix it.
+
+    Entry points print it as ``error: <message>`` and exit non-zero, without a traceback.
+    """

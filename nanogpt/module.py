@@ -1,0 +1,159 @@
+"""The LightningModule: trains a GPT (optimizer, LR schedule, metrics, logging, tokenizer in checkpoints)."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, Literal, Optional
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from nanogpt.errors import NanoGPTError
+from nanogpt.model import GPT, GPTConfig
+from nanogpt.tokenizer import CharTokenizer
+
+
+def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
+    """LR multiplier at an optimizer step: linear warmup, then cosine decay to min_ratio, then flat."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if step >= decay_steps:
+        return min_ratio
+    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+    return min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_ratio)
+
+
+class GPTModule(L.LightningModule):
+    """Trains a character-level GPT.
+
+    Args:
+        vocab_size: number of tokens; linked from the data by the CLI.
+        block_size, n_layer, n_head, n_embd, dropout, bias, activation: the network's shape (see GPTConfig).
+        learning_rate: peak AdamW learning rate, reached after warmup_steps.
+        min_lr: the learning rate at the end of the cosine decay.
+        warmup_steps: optimizer steps of linear warmup.
+        decay_steps: optimizer step where the cosine reaches min_lr (default: trainer.max_steps).
+        weight_decay: AdamW weight decay, applied only to tensors of two or more dims (matmuls, embeddings).
+        beta1, beta2: AdamW betas.
+        compile: compile the inner model with torch.compile.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 65,
+        block_size: int = 256,
+        n_layer: int = 6,
+        n_head: int = 6,
+        n_embd: int = 384,
+        dropout: float = 0.2,
+        bias: bool = True,
+        activation: Literal["gelu", "relu"] = "gelu",
+        learning_rate: float = 1e-3,
+        min_lr: float = 1e-4,
+        warmup_steps: int = 100,
+        decay_steps: Optional[int] = None,
+        weight_decay: float = 0.1,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        try:
+            self.config = GPTConfig(
+                vocab_size=vocab_size,
+                block_size=block_size,
+                n_layer=n_layer,
+                n_head=n_head,
+                n_embd=n_embd,
+                dropout=dropout,
+                bias=bias,
+                activation=activation,
+            )
+        except ValueError as e:
+            raise NanoGPTError(str(e)) from None
+        if learning_rate <= 0 or min_lr < 0 or min_lr > learning_rate:
+            raise NanoGPTError(
+                f"need 0 <= model.min_lr <= model.learning_rate and learning_rate > 0, got {min_lr} and {learning_rate}"
+            )
+        self.model = GPT(self.config)
+        self.val_loss = MeanMetric()
+        self.tokenizer: Optional[CharTokenizer] = None
+
+    def forward(
+        self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return self.model(idx, targets)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch  # (B, T), (B, T)
+        _, loss = self.model(x, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])  # a Python float: no device sync
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        _, loss = self.model(x, y)
+        # weight by tokens so the epoch value is the mean over all validation characters, on any number of ranks
+        self.val_loss.update(loss, weight=y.numel())
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()  # reduced across ranks
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/ppl", torch.exp(loss))
+        self.log("val/bpc", loss / math.log(2))  # nats per character -> bits per character
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": hp.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},  # biases and LayerNorm gains
+        ]
+        fused = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(hp.beta1, hp.beta2), fused=fused)
+        decay_steps = hp.decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else 5000)
+        schedule = partial(
+            warmup_cosine,
+            warmup_steps=hp.warmup_steps,
+            decay_steps=decay_steps,
+            min_ratio=hp.min_lr / hp.learning_rate,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_model(self) -> None:
+        if self.hparams.compile:
+            self.model.compile()  # in place: parameter names (and checkpoints) stay those of the plain model
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "tokenizer"):
+            self.tokenizer = datamodule.tokenizer
+            if self.tokenizer.vocab_size != self.config.vocab_size:
+                raise NanoGPTError(
+                    f"model.vocab_size is {self.config.vocab_size} but the data has {self.tokenizer.vocab_size} "
+                    "characters; leave vocab_size unset so it is taken from the data"
+                )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.tokenizer is not None:
+            checkpoint["tokenizer"] = self.tokenizer.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        stored = checkpoint.get("tokenizer")
+        if stored is None:
+            return
+        stored = CharTokenizer.from_dict(stored)
+        if self.tokenizer is not None and stored != self.tokenizer:
+            added = sorted(set(self.tokenizer.chars) - set(stored.chars))
+            removed = sorted(set(stored.chars) - set(self.tokenizer.chars))
+            raise NanoGPTError(
+                f"the checkpoint's vocabulary differs from the data's (new characters {added}, missing {removed}); "
+                "resume with the data the run was trained on, or start a new run"
+            )
+        self.tokenizer = stored
