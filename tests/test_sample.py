@@ -1,9 +1,12 @@
 """The real sample.py on a checkpoint from a real training run."""
 
+import pytest
 import torch
 
 from nanogpt.generate import load_checkpoint, resolve_checkpoint, sample
 from tests.conftest import assert_user_error, run_script
+
+pytestmark = pytest.mark.slow  # needs a real training run
 
 
 def test_sample_prints_prompt_plus_requested_characters(trained_run, tmp_path):

@@ -8,6 +8,8 @@ import torch
 
 from tests.conftest import TINY_CONFIG, assert_user_error, read_scalars, run_script
 
+pytestmark = pytest.mark.slow  # real training processes
+
 
 def test_training_lowers_val_loss_and_writes_checkpoints_and_events(trained_run):
     scalars = read_scalars(trained_run)
