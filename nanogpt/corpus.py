@@ -170,7 +170,7 @@ class Source:
     identity: list[Any]  # what was asked for: names the cache entry
     stamp: list[Any]  # what the content is now (file sizes and mtimes, dataset fingerprint)
     size: int  # bytes, roughly: the progress bar's total
-    documents: Callable[[Advance], Iterator[Iterable[str]]]
+    documents: Callable[[Advance, int], Iterator[Iterable[str]]]  # (advance, chunk_chars) -> documents
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -207,7 +207,7 @@ def _file_source(label: str, files: list[Path], config: CorpusConfig) -> Source:
     stats = [f.stat() for f in files]
     tabular = any(f.suffix.lower() in TABULAR_SUFFIXES for f in files)
 
-    def documents(advance: Advance) -> Iterator[Iterable[str]]:
+    def documents(advance: Advance, chunk_chars: int = CHUNK_CHARS) -> Iterator[Iterable[str]]:
         for f in files:
             suffix = f.suffix.lower()
             if suffix in (".jsonl", ".json"):
@@ -217,7 +217,7 @@ def _file_source(label: str, files: list[Path], config: CorpusConfig) -> Source:
             elif suffix == ".parquet":
                 yield from _parquet_rows(f, config.text_column, advance)
             else:
-                yield _text_file(f, advance)  # one document, read in chunks
+                yield _text_file(f, advance, chunk_chars)  # one document, read in chunks
 
     return Source(
         label=label,
@@ -399,7 +399,7 @@ def _hf_source(label: str, ds: Any, config: CorpusConfig, split: str) -> Source:
         size = 0
     rows = max(1, len(ds))
 
-    def documents(advance: Advance) -> Iterator[list[str]]:
+    def documents(advance: Advance, chunk_chars: int = CHUNK_CHARS) -> Iterator[list[str]]:
         for batch in ds.select_columns([column]).iter(batch_size=1024):
             texts = batch[column]
             yield from ([text or ""] for text in texts)
@@ -514,7 +514,7 @@ class _Progress:
 
 
 def _chunks(source: Source, separator: str, advance: Advance, chunk_chars: int) -> Iterator[str]:
-    return rechunk(join_documents(source.documents(advance), separator), chunk_chars)
+    return rechunk(join_documents(source.documents(advance, chunk_chars), separator), chunk_chars)
 
 
 def _encode_to_file(
@@ -612,18 +612,19 @@ def prepare_corpus(
         tokenizer = given
         if tokenizer is None:
             progress = _Progress(total, "vocabulary", progress_min_bytes)
-            seen = Counter()  # characters read, to tell an empty corpus from other errors
+            read = Counter()  # characters read, and whether all were: tells an empty corpus from other errors
 
             def chunks() -> Iterator[str]:
                 for s in sources:
                     for chunk in _chunks(s, config.separator, progress, chunk_chars):
-                        seen["chars"] += len(chunk)
+                        read["chars"] += len(chunk)
                         yield chunk
+                read["done"] = 1
 
             try:
                 tokenizer = CharTokenizer.from_chunks(chunks())
             except NanoGPTError:
-                if seen["chars"]:
+                if read["chars"] or not read["done"]:
                     raise
                 raise NanoGPTError(f"data source {config.source} is empty; give it some text to train on") from None
             progress.close()
