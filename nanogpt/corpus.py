@@ -21,6 +21,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -533,6 +534,12 @@ def _encode_to_file(
                 continue  # keep reading only to list every unknown character with its count
             f.write(memoryview(np.ascontiguousarray(ids)))
             n += len(ids)
+        f.flush()
+        os.fsync(f.fileno())  # complete on disk before the entry is renamed into place
+        if hasattr(os, "posix_fadvise"):
+            # drop the freshly written pages from the page cache: they sit in large folios, and a memory map
+            # faults in a whole folio (up to MBs) per touched block, which shows up as RSS while training
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     return n, unknown
 
 
@@ -543,7 +550,12 @@ def _key(*parts: Any) -> str:
 def _open_tokens(path: Path, dtype: str, n: int) -> np.ndarray:
     if path.stat().st_size != n * np.dtype(dtype).itemsize:
         raise ValueError(f"{path} has the wrong size")
-    return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+    tokens = np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+    mm = getattr(tokens, "_mmap", None)  # the mmap.mmap under np.memmap
+    if mm is not None and hasattr(mmap, "MADV_RANDOM"):
+        # batches read blocks at random places: no readahead, so a block costs its own pages, not megabytes
+        mm.madvise(mmap.MADV_RANDOM)
+    return tokens
 
 
 def _load_entry(entry: Path, key: str) -> Optional[EncodedCorpus]:
