@@ -613,6 +613,7 @@ def prepare_corpus(
     entry = base / key[:16]
     cached = _load_entry(entry, key)
     if cached is not None:
+        _warn_unknown(cached, config)
         return cached
 
     sources = [s for s in (train_src, val_src) if s is not None]
@@ -687,7 +688,12 @@ def prepare_corpus(
     if built is None:
         raise NanoGPTError(f"the encoded corpus in {entry} cannot be read back; delete it and run again")
     built.from_cache = False
-    if built.unknown:
-        action = "dropped" if config.oov == "drop" else f"replaced by {config.oov_replacement!r}"
-        warnings.warn(f"characters outside the vocabulary {action}: {describe_chars(built.unknown)}", stacklevel=2)
+    _warn_unknown(built, config)
     return built
+
+
+def _warn_unknown(corpus: EncodedCorpus, config: CorpusConfig) -> None:
+    """Says which characters the oov policy dropped or replaced (at every run, not only when encoding)."""
+    if corpus.unknown:
+        action = "dropped" if config.oov == "drop" else f"replaced by {config.oov_replacement!r}"
+        warnings.warn(f"characters outside the vocabulary {action}: {describe_chars(corpus.unknown)}", stacklevel=3)

@@ -226,7 +226,9 @@ def test_oov_drop_and_replace(tmp_path, vocab_json):
     f.write_text("abc xyz é cab", encoding="utf-8")
     with pytest.warns(UserWarning, match="dropped"):
         dropped = prepare(tmp_path, source=str(f), vocab=str(vocab_json), oov="drop")
-    assert text_of(dropped) == "abc   cab" and dropped.tokenizer.chars == [char for char in sorted("abc \n")]
+    assert text_of(dropped) == "abc   cab" and dropped.tokenizer.chars == sorted("abc \n")
+    with pytest.warns(UserWarning, match=r"dropped: 'x' \(1\), 'y' \(1\), 'z' \(1\), 'é' \(1\)"):
+        assert prepare(tmp_path, source=str(f), vocab=str(vocab_json), oov="drop").from_cache  # said again
     with pytest.warns(UserWarning, match="replaced"):
         replaced = prepare(tmp_path, source=str(f), vocab=str(vocab_json), oov="replace", oov_replacement="\n")
     assert text_of(replaced) == "abc \n\n\n \n cab"
