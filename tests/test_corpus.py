@@ -201,6 +201,25 @@ def test_a_failed_build_leaves_the_previous_entry_and_no_partial_one(tmp_path):
     assert not [p for p in good.path.parent.iterdir() if p.name.startswith(".tmp-")]
 
 
+def test_two_processes_building_the_same_entry_agree(tmp_path, monkeypatch):
+    import nanogpt.corpus as corpus_module
+
+    f = tmp_path / "t.txt"
+    f.write_text("same corpus\n" * 100, encoding="utf-8")
+    real_rename, raced = os.rename, []
+
+    def rename_after_another_build(src, dst):
+        if not raced:  # another process (a DDP rank) finishes the same entry just before this one
+            raced.append(None)
+            raced[0] = prepare(tmp_path, source=str(f))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(corpus_module.os, "rename", rename_after_another_build)
+    mine = prepare(tmp_path, source=str(f))
+    assert raced and mine.path == raced[0].path and text_of(mine) == "same corpus\n" * 100
+    assert [p.name for p in mine.path.parent.iterdir()] == [mine.path.name]  # no leftover temporary build
+
+
 # ------------------------------------------------------------------------------------------- vocabulary
 
 
