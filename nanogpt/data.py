@@ -93,7 +93,11 @@ class CharDataModule(L.LightningDataModule):
         val_blocks: number of fixed validation blocks, spread evenly over the validation split.
         seed: seed of the training batch sequence (batches are a function of seed, rank and step).
         cache_dir: where downloads and encoded corpora are cached (default $NANOGPT_CACHE or ~/.cache/nanogpt).
-        glob, text_column, hf_config, hf_split, separator: how the source is read (see nanogpt.corpus.CorpusConfig).
+        glob: which files of a directory source to read, recursively.
+        text_column: the column holding the text in .jsonl/.json/.csv/.parquet files and datasets.
+        hf_config: the dataset configuration for hf:NAME sources (load_dataset's second argument).
+        hf_split: the split read from hf:NAME sources and saved dataset dicts.
+        separator: put between documents (files, rows); default a blank line.
         val_source: a separate validation corpus (any kind of source); then val_fraction is not used.
         hf_val_split: the split read from val_source when it is hf:NAME or a saved dataset dict.
         vocab: reuse the vocabulary of a checkpoint, run dir or vocabulary .json (fine-tuning on new text).

@@ -31,11 +31,14 @@ def test_train_on_jsonl_with_a_separate_validation_source_then_fine_tune_with_it
     fine = ["--data.source", tmp_path / "new.txt", "--data.vocab", run, "--trainer.default_root_dir", tmp_path / "ft"]
     result = run_script("train.py", *SHORT, *fine, cwd=tmp_path)
     assert_user_error(result, "outside the vocabulary", "'¿' (400)", "'😀' (400)", "--data.oov")
+    # fine-tune: the trained weights continue on the new text (6 more steps), unknown characters replaced
     result = run_script("train.py", *SHORT, *fine, "--data.oov", "replace", "--data.oov_replacement", " ",
-                        cwd=tmp_path)
+                        "--ckpt_path", run / "checkpoints" / "last.ckpt", "--trainer.max_steps", "12", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "replaced by ' ': '¿' (400)" in result.stderr
     tuned = torch.load(tmp_path / "ft" / "checkpoints" / "last.ckpt", weights_only=True)
     assert tuned["tokenizer"] == vocab and tuned["hyper_parameters"]["vocab_size"] == len(vocab["chars"])
+    assert tuned["global_step"] == 12
 
 
 @pytest.mark.parametrize(
