@@ -50,7 +50,8 @@ def child(task: str, source: str, cache: str, steps: int) -> dict:
         corpus = prepare_corpus(CorpusConfig(source=source), cache)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         assert corpus.from_cache == (task == "hit")
-        return {"seconds": seconds, "cpu_seconds": cpu_seconds, "tokens": len(corpus.train), "peak_rss_mb": peak_rss_mb()}
+        return {"seconds": seconds, "cpu_seconds": cpu_seconds, "tokens": len(corpus.train),
+                "peak_rss_mb": peak_rss_mb()}
 
     import lightning as L
 

@@ -393,7 +393,9 @@ def _hf_source(label: str, ds: Any, config: CorpusConfig, split: str) -> Source:
         raise _missing_column(f"dataset {label}", column, list(ds.column_names))
     dtype = getattr(ds.features[column], "dtype", None)
     if dtype not in ("string", "large_string"):
-        raise NanoGPTError(f"dataset {label}: column {column!r} holds {ds.features[column]}, not text; pick a text column")
+        raise NanoGPTError(
+            f"dataset {label}: column {column!r} holds {ds.features[column]}, not text; pick a text column"
+        )
     try:
         size = int(ds.data.nbytes)
     except Exception:  # only the progress bar's total
@@ -566,7 +568,9 @@ def _load_entry(entry: Path, key: str) -> Optional[EncodedCorpus]:
             return None
         tokenizer = CharTokenizer.from_dict(meta["tokenizer"])
         train = _open_tokens(entry / "train.bin", meta["dtype"], meta["train_tokens"])
-        val = _open_tokens(entry / "val.bin", meta["dtype"], meta["val_tokens"]) if meta["val_tokens"] is not None else None
+        val = None
+        if meta["val_tokens"] is not None:
+            val = _open_tokens(entry / "val.bin", meta["dtype"], meta["val_tokens"])
     except (OSError, ValueError, KeyError, TypeError, NanoGPTError):
         return None  # missing or damaged: rebuilt by the caller
     unknown = Counter(meta.get("unknown", {}))

@@ -175,8 +175,8 @@ class CharDataModule(L.LightningDataModule):
             )
         if corpus.val is not None and len(corpus.val) < need:
             raise NanoGPTError(
-                f"the validation source {self.corpus_config['val_source']} has {len(corpus.val)} characters, fewer than "
-                f"block_size+1 = {need}; use more validation text or a smaller --model.block_size"
+                f"the validation source {self.corpus_config['val_source']} has {len(corpus.val)} characters, "
+                f"fewer than block_size+1 = {need}; use more validation text or a smaller --model.block_size"
             )
         if corpus.val is None and n_val < need:
             raise NanoGPTError(

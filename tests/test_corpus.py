@@ -31,7 +31,9 @@ def write_jsonl(path, rows):
     return path
 
 
-ROWS = [{"text": "first doc", "id": 1}, {"text": "", "id": 2}, {"text": None, "id": 3}, {"text": "second 中文", "id": 4}]
+ROWS = [
+    {"text": "first doc", "id": 1}, {"text": "", "id": 2}, {"text": None, "id": 3}, {"text": "second 中文", "id": 4}
+]
 JOINED = "first doc\n\nsecond 中文"  # empty and null rows are skipped: no doubled separator
 
 
