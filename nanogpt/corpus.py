@@ -595,35 +595,21 @@ def _remove_stale(base: Path, keep: str, tmp_age_s: float = 86400.0) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def prepare_corpus(
+def _build_entry(
+    entry: Path,
+    key: str,
     config: CorpusConfig,
-    cache_dir: Optional[str] = None,
-    chunk_chars: int = CHUNK_CHARS,
-    progress_min_bytes: int = PROGRESS_MIN_BYTES,
-) -> EncodedCorpus:
-    """The encoded corpus of config, from the cache when nothing changed, else built (two streaming passes).
-
-    The first pass collects the vocabulary (skipped when config.vocab reuses one), the second writes token ids
-    into a new cache entry, which becomes visible only once complete: an interrupted build leaves no entry and
-    never touches the previous one.
-    """
-    train_src = open_source(config.source, config, config.hf_split, cache_dir)
-    val_src = open_source(config.val_source, config, config.hf_val_split, cache_dir) if config.val_source else None
-    given = load_vocab(config.vocab) if config.vocab else None
-    options = [config.separator, config.oov, config.oov_replacement]
-    identity = _key(CACHE_FORMAT, train_src.identity, val_src and val_src.identity, config.vocab, options)
-    key = _key(identity, train_src.stamp, val_src and val_src.stamp, given and given.chars)
-    base = cache_root(cache_dir) / "corpus" / identity[:16]
-    entry = base / key[:16]
-    cached = _load_entry(entry, key)
-    if cached is not None:
-        _warn_unknown(cached, config)
-        return cached
-
+    train_src: Source,
+    val_src: Optional[Source],
+    given: Optional[CharTokenizer],
+    chunk_chars: int,
+    progress_min_bytes: int,
+) -> None:
+    """Encodes the sources into a temporary folder beside entry, then renames it into place (all or nothing)."""
     sources = [s for s in (train_src, val_src) if s is not None]
     total = sum(s.size for s in sources)
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = base / f".tmp-{key[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = entry.parent / f".tmp-{key[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         tokenizer = given
@@ -687,6 +673,40 @@ def prepare_corpus(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def prepare_corpus(
+    config: CorpusConfig,
+    cache_dir: Optional[str] = None,
+    chunk_chars: int = CHUNK_CHARS,
+    progress_min_bytes: int = PROGRESS_MIN_BYTES,
+) -> EncodedCorpus:
+    """The encoded corpus of config, from the cache when nothing changed, else built (two streaming passes).
+
+    The first pass collects the vocabulary (skipped when config.vocab reuses one), the second writes token ids
+    into a new cache entry, which becomes visible only once complete: an interrupted build leaves no entry and
+    never touches the previous one.
+    """
+    train_src = open_source(config.source, config, config.hf_split, cache_dir)
+    val_src = open_source(config.val_source, config, config.hf_val_split, cache_dir) if config.val_source else None
+    given = load_vocab(config.vocab) if config.vocab else None
+    options = [config.separator, config.oov, config.oov_replacement]
+    identity = _key(CACHE_FORMAT, train_src.identity, val_src and val_src.identity, config.vocab, options)
+    key = _key(identity, train_src.stamp, val_src and val_src.stamp, given and given.chars)
+    base = cache_root(cache_dir) / "corpus" / identity[:16]
+    entry = base / key[:16]
+    cached = _load_entry(entry, key)
+    if cached is not None:
+        _warn_unknown(cached, config)
+        return cached
+
+    try:
+        _build_entry(entry, key, config, train_src, val_src, given, chunk_chars, progress_min_bytes)
+    except OSError as e:  # reading a source or writing the cache: a full disk, a missing permission
+        raise NanoGPTError(
+            f"could not encode {config.source} into the cache {base} ({e.strerror or e}: {e.filename}); "
+            "check the disk space and permissions, or choose another --data.cache_dir"
+        ) from None
     _remove_stale(base, keep=entry.name)
     built = _load_entry(entry, key)
     if built is None:

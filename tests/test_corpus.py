@@ -222,6 +222,14 @@ def test_two_processes_building_the_same_entry_agree(tmp_path, monkeypatch):
     assert [p.name for p in mine.path.parent.iterdir()] == [mine.path.name]  # no leftover temporary build
 
 
+def test_an_unwritable_cache_is_a_clear_error(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("abc" * 100, encoding="utf-8")
+    (tmp_path / "not_a_dir").write_text("a file where the cache should go", encoding="utf-8")
+    with pytest.raises(NanoGPTError, match=r"could not encode .*t.txt into the cache .*--data.cache_dir"):
+        prepare_corpus(CorpusConfig(source=str(f)), str(tmp_path / "not_a_dir"))
+
+
 # ------------------------------------------------------------------------------------------- vocabulary
 
 
