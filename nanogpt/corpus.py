@@ -171,7 +171,7 @@ class Source:
     identity: list[Any]  # what was asked for: names the cache entry
     stamp: list[Any]  # what the content is now (file sizes and mtimes, dataset fingerprint)
     size: int  # bytes, roughly: the progress bar's total
-    documents: Callable[[Advance, int], Iterator[Iterable[str]]]  # (advance, chunk_chars) -> documents
+    documents: Callable[[Advance, int], Iterator[Iterable[str | bytes]]]  # (advance, chunk_chars) -> documents
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -230,14 +230,22 @@ def _file_source(label: str, files: list[Path], config: CorpusConfig) -> Source:
     )
 
 
-def _text_file(path: Path, advance: Advance, chunk_bytes: int = CHUNK_CHARS) -> Iterator[str]:
-    """The UTF-8 text of a file in chunks; a character split between two chunks is decoded whole."""
+def _text_file(path: Path, advance: Advance, chunk_bytes: int = CHUNK_CHARS) -> Iterator[str | bytes]:
+    """The UTF-8 text of a file in chunks; a character split between two chunks is decoded whole.
+
+    ASCII chunks are handed on as bytes, undecoded (the tokenizer takes them as they are).
+    """
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0  # bytes of the file handed to the decoder so far
     with open(path, "rb") as f:
         while True:
             raw = f.read(chunk_bytes)
             pending = len(decoder.getstate()[0])  # bytes of a split character held back from the last chunk
+            if raw and not pending and raw.isascii():
+                offset += len(raw)
+                advance(len(raw))
+                yield raw
+                continue
             try:
                 text = decoder.decode(raw, final=not raw)
             except UnicodeDecodeError as e:
@@ -418,7 +426,7 @@ def _hf_source(label: str, ds: Any, config: CorpusConfig, split: str) -> Source:
     )
 
 
-def join_documents(documents: Iterable[Iterable[str]], separator: str) -> Iterator[str]:
+def join_documents(documents: Iterable[Iterable[str | bytes]], separator: str) -> Iterator[str | bytes]:
     """The pieces of the documents with separator between non-empty documents (empty ones are skipped)."""
     first = True
     for doc in documents:
@@ -433,24 +441,34 @@ def join_documents(documents: Iterable[Iterable[str]], separator: str) -> Iterat
             yield piece
 
 
-def rechunk(pieces: Iterable[str], chunk_chars: int = CHUNK_CHARS) -> Iterator[str]:
+def rechunk(pieces: Iterable[str | bytes], chunk_chars: int = CHUNK_CHARS) -> Iterator[str | bytes]:
     """Groups small pieces (rows) into chunks of about chunk_chars, so encoding stays vectorised."""
-    buffer: list[str] = []
+    buffer: list[str | bytes] = []
     size = 0
     for piece in pieces:
         buffer.append(piece)
         size += len(piece)
         if size >= chunk_chars:
-            yield buffer[0] if len(buffer) == 1 else "".join(buffer)
+            yield concat(buffer)
             buffer, size = [], 0
     if buffer:
-        yield "".join(buffer)
+        yield concat(buffer)
+
+
+def concat(pieces: list[str | bytes]) -> str | bytes:
+    """Joins text pieces, str or (ASCII) bytes: bytes when every piece is ASCII, else str."""
+    if len(pieces) == 1:
+        return pieces[0]
+    if any(isinstance(p, bytes) for p in pieces) and all(isinstance(p, bytes) or p.isascii() for p in pieces):
+        return b"".join(p if isinstance(p, bytes) else p.encode("ascii") for p in pieces)
+    return "".join(p.decode("utf-8") if isinstance(p, bytes) else p for p in pieces)
 
 
 def read_corpus(source: str, cache_dir: Optional[str] = None, separator: str = "\n\n") -> str:
     """The whole text of a source as one string (small corpora; training streams it instead)."""
     src = open_source(source, CorpusConfig(source=source, separator=separator), "train", cache_dir)
-    text = "".join(join_documents(src.documents(lambda n: None), separator))
+    text = concat([""] + list(join_documents(src.documents(lambda n: None), separator)))
+    text = text.decode("ascii") if isinstance(text, bytes) else text
     if not text:
         raise NanoGPTError(f"data source {source} is empty; give it some text to train on")
     return text
@@ -516,7 +534,7 @@ class _Progress:
             self.bar.close()
 
 
-def _chunks(source: Source, separator: str, advance: Advance, chunk_chars: int) -> Iterator[str]:
+def _chunks(source: Source, separator: str, advance: Advance, chunk_chars: int) -> Iterator[str | bytes]:
     return rechunk(join_documents(source.documents(advance, chunk_chars), separator), chunk_chars)
 
 
@@ -617,7 +635,7 @@ def _build_entry(
             progress = _Progress(total, "vocabulary", progress_min_bytes)
             read = Counter()  # characters read, and whether all were: tells an empty corpus from other errors
 
-            def chunks() -> Iterator[str]:
+            def chunks() -> Iterator[str | bytes]:
                 for s in sources:
                     for chunk in _chunks(s, config.separator, progress, chunk_chars):
                         read["chars"] += len(chunk)

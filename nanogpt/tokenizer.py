@@ -15,6 +15,21 @@ def _codepoints(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
 
 
+def _ascii_bytes(text: str | bytes) -> Optional[bytes]:
+    """The text as bytes when it is all ASCII (one byte per character), else None.
+
+    Text may be a str or its UTF-8 bytes: the corpus reader hands ASCII chunks on undecoded, which saves a
+    decode and an encode per chunk.
+    """
+    if isinstance(text, bytes):
+        return text if text.isascii() else None
+    return text.encode("ascii") if text.isascii() else None  # str.isascii() is O(1) in CPython
+
+
+def _as_str(text: str | bytes) -> str:
+    return text.decode("utf-8") if isinstance(text, bytes) else text
+
+
 UNICODE_SIZE = 0x110000  # code points 0..U+10FFFF
 _UNKNOWN_BYTE = 0xFF  # marks an unknown ASCII character after bytes.translate: ASCII ids are always < 128
 
@@ -41,19 +56,20 @@ class CharTokenizer:
         return cls.from_chunks([text])
 
     @classmethod
-    def from_chunks(cls, chunks: Iterable[str]) -> "CharTokenizer":
-        """The sorted set of characters in a stream of text chunks, in one pass that holds one chunk at a time."""
+    def from_chunks(cls, chunks: Iterable[str | bytes]) -> "CharTokenizer":
+        """The sorted set of characters in a stream of text chunks (str or UTF-8 bytes), holding one at a time."""
         ascii_seen = b""  # the ASCII characters found so far, as bytes
         seen = None  # (UNICODE_SIZE,) bool, allocated at the first non-ASCII chunk
         for chunk in chunks:
-            if chunk.isascii():  # O(1) in CPython: the common case takes C-speed bytes paths only
-                new = chunk.encode("ascii").translate(None, ascii_seen)  # drops every character already seen
+            raw = _ascii_bytes(chunk)
+            if raw is not None:  # the common case takes C-speed bytes paths only
+                new = raw.translate(None, ascii_seen)  # drops every character already seen
                 if new:
                     ascii_seen = np.union1d(np.frombuffer(ascii_seen, np.uint8), np.frombuffer(new, np.uint8)).tobytes()
             else:
                 if seen is None:
                     seen = np.zeros(UNICODE_SIZE, dtype=bool)
-                seen[_codepoints(chunk)] = True
+                seen[_codepoints(_as_str(chunk))] = True
         codes = np.frombuffer(ascii_seen, np.uint8).astype(np.int64)
         if seen is not None:
             codes = np.union1d(codes, np.flatnonzero(seen))
@@ -98,24 +114,25 @@ class CharTokenizer:
         return ids
 
     def encode_known(
-        self, text: str, dtype: Any = np.int64, replacement: Optional[str] = None
+        self, text: str | bytes, dtype: Any = np.int64, replacement: Optional[str] = None
     ) -> tuple[np.ndarray, Counter]:
         """Token ids of text, with characters outside the vocabulary dropped (or replaced by replacement).
 
         Returns the ids, (len(text) - dropped,), and the unknown characters with their counts. Vectorised: a
-        bytes.translate table for ASCII text, a dense code point -> id table for the rest.
+        bytes.translate table for ASCII text, a dense code point -> id table for the rest. text may also be
+        UTF-8 bytes.
         """
         if replacement is not None and replacement not in self.chars:
             raise NanoGPTError(f"the replacement character {replacement!r} is not in the vocabulary; pick one that is")
-        if text.isascii():
-            raw = text.encode("ascii")
+        raw = _ascii_bytes(text)
+        if raw is not None:
             mapped = raw.translate(self._ascii_table())  # one id byte per character (ASCII ids are < 128)
             ids = np.frombuffer(mapped, dtype=np.uint8)
             if _UNKNOWN_BYTE not in mapped:  # a memchr: the fast path costs two passes over the bytes
                 return ids.astype(dtype, copy=False), Counter()
             codes, unknown_mask = np.frombuffer(raw, dtype=np.uint8), ids == _UNKNOWN_BYTE
         else:
-            codes = _codepoints(text)
+            codes = _codepoints(_as_str(text))
             ids = self._unicode_table()[codes]  # (len(text),) int32, -1 for unknown characters
             unknown_mask = ids < 0
             if not unknown_mask.any():

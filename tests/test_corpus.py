@@ -297,13 +297,16 @@ def test_large_vocabularies_use_wider_token_arrays(tmp_path):
 
 def test_streaming_vocabulary_matches_the_whole_text(shakespeare_text):
     chunks = [shakespeare_text[i : i + 1000] for i in range(0, len(shakespeare_text), 1000)] + [UNICODE]
+    chunks += [chunk.encode("utf-8") for chunk in chunks[:3]] + [UNICODE.encode("utf-8")]  # UTF-8 bytes too
     assert CharTokenizer.from_chunks(chunks) == CharTokenizer.from_text(shakespeare_text + UNICODE)
 
 
 def test_fast_encoding_matches_a_plain_lookup(shakespeare_text):
     tok = CharTokenizer.from_text(shakespeare_text + UNICODE)
     for text in (shakespeare_text[:3000], UNICODE):  # the ASCII and the Unicode paths
-        assert tok.encode(text).tolist() == [tok.chars.index(c) for c in text]
+        expected = [tok.chars.index(c) for c in text]
+        assert tok.encode(text).tolist() == expected
+        assert tok.encode_known(text.encode("utf-8"))[0].tolist() == expected  # UTF-8 bytes give the same ids
 
 
 # ------------------------------------------------------------------------------------------- splits and memory
