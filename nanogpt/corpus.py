@@ -333,8 +333,9 @@ def _csv_rows(path: Path, column: str, advance: Advance) -> Iterator[list[str]]:
                 advance(f.tell() - done)
                 done = f.tell()
     except (pa.ArrowInvalid, UnicodeDecodeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise NanoGPTError(f"{path} could not be read as CSV with a header line ({first}); fix the file") from None
+        raise NanoGPTError(
+            f"{path} could not be read as CSV with a header line ({_first_line(e)}); fix the file"
+        ) from None
 
 
 def _parquet_rows(path: Path, column: str, advance: Advance) -> Iterator[list[str]]:
@@ -367,12 +368,13 @@ def _load_hub_dataset(name: str, hf_config: Optional[str], split: str) -> Any:
     import datasets
 
     if not name:
-        raise NanoGPTError("--data.source hf: needs a dataset name, e.g. hf:karpathy/tiny_shakespeare")
+        raise NanoGPTError("--data.source hf: needs a dataset name, e.g. hf:Salesforce/wikitext")
     try:
         return datasets.load_dataset(name, hf_config, split=split)
     except Exception as e:  # datasets raises many types (connection, not found, bad config or split)
+        which = f"config {hf_config!r}, split {split!r}" if hf_config else f"split {split!r}"
         raise NanoGPTError(
-            f"could not load the Hugging Face dataset {name!r} (config {hf_config}, split {split!r}): "
+            f"could not load the Hugging Face dataset {name!r} ({which}): "
             f"{_first_line(e)}; check the name, --data.hf_config and --data.hf_split, and without a network "
             "that the dataset is in the local Hugging Face cache"
         ) from None

@@ -147,11 +147,23 @@ def test_an_unknown_hub_dataset_offline_is_a_clear_error(tmp_path):
         prepare(tmp_path, source="hf:nobody-xyz/no-such-dataset")
 
 
-@pytest.mark.parametrize("source, fragment", [("missing.txt", "does not exist"), ("empty.txt", "is empty")])
-def test_missing_or_empty_source(tmp_path, source, fragment):
+@pytest.mark.parametrize(
+    "source, fragment",
+    [
+        ("missing.txt", "does not exist"),
+        ("empty.txt", "is empty"),
+        ("hf:", "needs a dataset name"),
+        ("bad.csv", "could not be read as CSV"),
+        ("bad.jsonl", "line 2 is not valid JSON"),
+    ],
+)
+def test_missing_empty_or_broken_source(tmp_path, source, fragment):
     (tmp_path / "empty.txt").write_text("", encoding="utf-8")
+    (tmp_path / "bad.csv").write_text('text,n\n"unclosed,1\n', encoding="utf-8")
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": \n', encoding="utf-8")
+    source = source if source.startswith("hf:") else str(tmp_path / source)
     with pytest.raises(NanoGPTError, match=fragment):
-        prepare(tmp_path, source=str(tmp_path / source))
+        prepare(tmp_path, source=source)
 
 
 def test_read_corpus_joins_documents(tmp_path):
