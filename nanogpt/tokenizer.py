@@ -34,7 +34,6 @@ UNICODE_SIZE = 0x110000  # code points 0..U+10FFFF
 _UNKNOWN_BYTE = 0xFF  # marks an unknown ASCII character after bytes.translate: ASCII ids are always < 128
 
 
-
 class CharTokenizer:
     """Maps each character of a fixed, sorted vocabulary to its index."""
 
@@ -45,7 +44,7 @@ class CharTokenizer:
         if any(len(c) != 1 for c in chars) or len(set(chars)) != len(chars):
             raise NanoGPTError("a character vocabulary must be distinct single characters")
         self.chars = sorted(chars)
-        # sorted code points, so encoding is a binary search per character (np.searchsorted)
+        # sorted code points: a character's id is its position (encoding builds lookup tables from these)
         self._codes = np.array([ord(c) for c in self.chars], dtype=np.uint32)
         self._byte_table: Optional[bytes] = None
         self._code_table: Optional[np.ndarray] = None
