@@ -1,4 +1,4 @@
-"""Character data: read a corpus, encode it once (cached on disk), and serve blocks for training.
+"""Character data: a corpus encoded once into a memory-mapped cache (nanogpt.corpus), served as blocks.
 
 Training batches are a pure function of (seed, global rank, step): ranks never draw the same
 blocks and a resumed run continues the very same sequence. Validation uses a fixed set of blocks.
@@ -6,134 +6,27 @@ blocks and a resumed run continues the very same sequence. Validation uses a fix
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
-import urllib.error
-import urllib.request
-from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Literal, Optional
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+# the corpus helpers live in nanogpt.corpus; these names stay importable from here
+from nanogpt.corpus import (  # noqa: F401
+    TINYSHAKESPEARE_SHA256,
+    TINYSHAKESPEARE_URL,
+    CorpusConfig,
+    cache_root,
+    download_tinyshakespeare,
+    prepare_corpus,
+    read_corpus,
+    tinyshakespeare_path,
+    token_dtype,
+)
 from nanogpt.errors import NanoGPTError
 from nanogpt.tokenizer import CharTokenizer
-
-TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-
-
-def cache_root(cache_dir: Optional[str] = None) -> Path:
-    """Where downloads and encoded corpora live: cache_dir, else $NANOGPT_CACHE, else ~/.cache/nanogpt."""
-    return Path(cache_dir or os.environ.get("NANOGPT_CACHE") or Path.home() / ".cache" / "nanogpt").expanduser()
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Writes data to path through a temporary file in the same directory, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def tinyshakespeare_path(cache_dir: Optional[str] = None) -> Path:
-    return cache_root(cache_dir) / "tinyshakespeare" / "input.txt"
-
-
-def download_tinyshakespeare(cache_dir: Optional[str] = None) -> Path:
-    """Makes sure the verified tiny-shakespeare corpus is in the cache; downloads it once if it is not."""
-    path = tinyshakespeare_path(cache_dir)
-    if path.is_file() and _sha256(path.read_bytes()) == TINYSHAKESPEARE_SHA256:
-        return path
-    url = os.environ.get("NANOGPT_TINYSHAKESPEARE_URL", TINYSHAKESPEARE_URL)
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r:
-            data = r.read()
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise NanoGPTError(
-            f"could not download tiny-shakespeare from {url} ({getattr(e, 'reason', e)}); without a network, "
-            f"copy the file to {path} or train on a local file with --data.source PATH"
-        ) from None
-    if _sha256(data) != TINYSHAKESPEARE_SHA256:
-        raise NanoGPTError(
-            f"the tiny-shakespeare download from {url} failed its sha256 check ({_sha256(data)[:12]}… "
-            f"instead of {TINYSHAKESPEARE_SHA256[:12]}…); try again, or pass a local file with --data.source PATH"
-        )
-    _atomic_write(path, data)
-    return path
-
-
-def read_corpus(source: str, cache_dir: Optional[str] = None, separator: str = "\n\n") -> str:
-    """The text of a source: "tinyshakespeare", a text file, or a directory of .txt files (recursive, sorted)."""
-    if source == "tinyshakespeare":
-        files = [download_tinyshakespeare(cache_dir)]
-    else:
-        p = Path(source).expanduser()
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*.txt") if f.is_file())
-            if not files:
-                raise NanoGPTError(f"data directory {source} holds no .txt files; put text files there or pass one file")
-        elif p.is_file():
-            files = [p]
-        else:
-            raise NanoGPTError(
-                f"data source {source!r} does not exist; pass --data.source tinyshakespeare, a text file or a directory"
-            )
-    texts = []
-    for f in files:
-        raw = f.read_bytes()
-        try:
-            texts.append(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise NanoGPTError(f"data file {f} is not UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8")
-    text = separator.join(t for t in texts if t)
-    if not text:
-        raise NanoGPTError(f"data source {source} is empty; give it some text to train on")
-    return text
-
-
-def token_dtype(vocab_size: int) -> type:
-    """The smallest unsigned dtype that holds every token id."""
-    return np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.uint32
-
-
-def encode_cached(text: str, cache_dir: Optional[str] = None) -> tuple[np.ndarray, CharTokenizer]:
-    """Encodes text with its own character vocabulary; the result is cached on disk by content hash."""
-    key = _sha256(text.encode("utf-8"))
-    base = cache_root(cache_dir) / "encoded"
-    tokens_path, vocab_path = base / f"{key}.npy", base / f"{key}.json"
-    if tokens_path.is_file() and vocab_path.is_file():
-        try:
-            tokenizer = CharTokenizer.from_dict(json.loads(vocab_path.read_text(encoding="utf-8")))
-            tokens = np.load(tokens_path, mmap_mode="r")
-            if len(tokens) == len(text):
-                return tokens, tokenizer
-        except (ValueError, OSError, NanoGPTError):
-            pass  # a damaged cache entry is rebuilt below
-    tokenizer = CharTokenizer.from_text(text)
-    tokens = tokenizer.encode(text, dtype=token_dtype(tokenizer.vocab_size))
-    base.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=base) as f:  # np.save to memory, then one atomic write
-        np.save(f, tokens)
-        f.seek(0)
-        _atomic_write(tokens_path, f.read())
-    _atomic_write(vocab_path, json.dumps(tokenizer.to_dict()).encode("utf-8"))
-    return tokens, tokenizer
 
 
 def sample_batch(
@@ -192,13 +85,24 @@ class CharDataModule(L.LightningDataModule):
     """Character-level text for GPT training.
 
     Args:
-        source: "tinyshakespeare" (downloaded once into the cache), a text file, or a directory of .txt files.
+        source: "tinyshakespeare" (downloaded once into the cache), a text file, a directory (files matching glob,
+            recursively), a .jsonl/.json/.csv/.parquet file, a save_to_disk dataset folder, or "hf:NAME".
         batch_size: sequences per training step on each device.
         block_size: context length; linked from model.block_size by the CLI.
         val_fraction: share of the corpus, taken from its end, held out for validation.
         val_blocks: number of fixed validation blocks, spread evenly over the validation split.
         seed: seed of the training batch sequence (batches are a function of seed, rank and step).
         cache_dir: where downloads and encoded corpora are cached (default $NANOGPT_CACHE or ~/.cache/nanogpt).
+        glob: which files of a directory source to read, recursively.
+        text_column: the column holding the text in .jsonl/.json/.csv/.parquet files and datasets.
+        hf_config: the dataset configuration for hf:NAME sources (load_dataset's second argument).
+        hf_split: the split read from hf:NAME sources and saved dataset dicts.
+        separator: put between documents (files, rows); default a blank line.
+        val_source: a separate validation corpus (any kind of source); then val_fraction is not used.
+        hf_val_split: the split read from val_source when it is hf:NAME or a saved dataset dict.
+        vocab: reuse the vocabulary of a checkpoint, run dir or vocabulary .json (fine-tuning on new text).
+        oov: characters outside a reused vocabulary: "error" (lists them), "drop", or "replace" (oov_replacement).
+        oov_replacement: the character that replaces them with oov="replace".
     """
 
     def __init__(
@@ -210,6 +114,16 @@ class CharDataModule(L.LightningDataModule):
         val_blocks: int = 256,
         seed: int = 1337,
         cache_dir: Optional[str] = None,
+        glob: str = "*.txt",
+        text_column: str = "text",
+        hf_config: Optional[str] = None,
+        hf_split: str = "train",
+        separator: str = "\n\n",
+        val_source: Optional[str] = None,
+        hf_val_split: str = "validation",
+        vocab: Optional[str] = None,
+        oov: Literal["error", "drop", "replace"] = "error",
+        oov_replacement: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.source = source
@@ -219,13 +133,20 @@ class CharDataModule(L.LightningDataModule):
         self.val_blocks = val_blocks
         self.seed = seed
         self.cache_dir = cache_dir
+        self.corpus_config = dict(
+            source=source, glob=glob, text_column=text_column, hf_config=hf_config, hf_split=hf_split,
+            separator=separator, val_source=val_source, hf_val_split=hf_val_split, vocab=vocab, oov=oov,
+            oov_replacement=oov_replacement,
+        )  # checked and used in prepare_data/setup: __init__ does no work
         self._tokens: Optional[np.ndarray] = None
+        self._val: Optional[np.ndarray] = None  # the val_source tokens, when there is one
+        self._prepared = None
         self._tokenizer: Optional[CharTokenizer] = None
 
     def prepare_data(self) -> None:
-        """Downloads the default corpus once (Lightning calls this on one process per node)."""
-        if self.source == "tinyshakespeare":
-            download_tinyshakespeare(self.cache_dir)
+        """Downloads and encodes the corpus into the cache (Lightning calls this on one process per node)."""
+        if self._prepared is None:
+            self._prepared = prepare_corpus(CorpusConfig(**self.corpus_config), self.cache_dir)
 
     def setup(self, stage: Optional[str] = None) -> None:
         """Reads and encodes the corpus (from the cache when it was seen before) and checks the splits."""
@@ -236,8 +157,10 @@ class CharDataModule(L.LightningDataModule):
                 raise NanoGPTError(f"data.{name} must be a positive integer, got {getattr(self, name)}")
         if not 0.0 < self.val_fraction < 1.0:
             raise NanoGPTError(f"data.val_fraction must be between 0 and 1, got {self.val_fraction}")
-        tokens, tokenizer = encode_cached(read_corpus(self.source, self.cache_dir), self.cache_dir)
-        n_val = int(len(tokens) * self.val_fraction)
+        # memory-mapped from the cache (built there by prepare_data, or here on the other nodes' ranks)
+        corpus = self._prepared or prepare_corpus(CorpusConfig(**self.corpus_config), self.cache_dir)
+        tokens, tokenizer = corpus.train, corpus.tokenizer
+        n_val = 0 if corpus.val is not None else int(len(tokens) * self.val_fraction)
         n_train = len(tokens) - n_val
         need = self.block_size + 1
         if len(tokens) < need:
@@ -250,12 +173,17 @@ class CharDataModule(L.LightningDataModule):
                 f"the training split has {n_train} characters, fewer than block_size+1 = {need}; "
                 "lower --data.val_fraction or --model.block_size, or use more text"
             )
-        if n_val < need:
+        if corpus.val is not None and len(corpus.val) < need:
+            raise NanoGPTError(
+                f"the validation source {self.corpus_config['val_source']} has {len(corpus.val)} characters, "
+                f"fewer than block_size+1 = {need}; use more validation text or a smaller --model.block_size"
+            )
+        if corpus.val is None and n_val < need:
             raise NanoGPTError(
                 f"the validation split has {n_val} characters (val_fraction={self.val_fraction}), fewer than "
                 f"block_size+1 = {need}; raise --data.val_fraction or lower --model.block_size, or use more text"
             )
-        self._tokens, self._tokenizer = tokens, tokenizer
+        self._tokens, self._tokenizer, self._val = tokens, tokenizer, corpus.val
         self._n_train = n_train
 
     @property
@@ -279,7 +207,7 @@ class CharDataModule(L.LightningDataModule):
     @property
     def val_tokens(self) -> np.ndarray:
         self.setup()
-        return self._tokens[self._n_train :]
+        return self._tokens[self._n_train :] if self._val is None else self._val
 
     def _rank_and_world(self) -> tuple[int, int]:
         trainer = self.trainer

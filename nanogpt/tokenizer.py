@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -13,6 +13,25 @@ from nanogpt.errors import NanoGPTError
 def _codepoints(text: str) -> np.ndarray:
     """The text's Unicode code points as a (len(text),) uint32 array, without a Python loop."""
     return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+
+def _ascii_bytes(text: str | bytes) -> Optional[bytes]:
+    """The text as bytes when it is all ASCII (one byte per character), else None.
+
+    Text may be a str or its UTF-8 bytes: the corpus reader hands ASCII chunks on undecoded, which saves a
+    decode and an encode per chunk.
+    """
+    if isinstance(text, bytes):
+        return text if text.isascii() else None
+    return text.encode("ascii") if text.isascii() else None  # str.isascii() is O(1) in CPython
+
+
+def _as_str(text: str | bytes) -> str:
+    return text.decode("utf-8") if isinstance(text, bytes) else text
+
+
+UNICODE_SIZE = 0x110000  # code points 0..U+10FFFF
+_UNKNOWN_BYTE = 0xFF  # marks an unknown ASCII character after bytes.translate: ASCII ids are always < 128
 
 
 class CharTokenizer:
@@ -25,13 +44,35 @@ class CharTokenizer:
         if any(len(c) != 1 for c in chars) or len(set(chars)) != len(chars):
             raise NanoGPTError("a character vocabulary must be distinct single characters")
         self.chars = sorted(chars)
-        # sorted code points, so encoding is a binary search per character (np.searchsorted)
+        # sorted code points: a character's id is its position (encoding builds lookup tables from these)
         self._codes = np.array([ord(c) for c in self.chars], dtype=np.uint32)
+        self._byte_table: Optional[bytes] = None
+        self._code_table: Optional[np.ndarray] = None
 
     @classmethod
     def from_text(cls, text: str) -> "CharTokenizer":
         """The vocabulary is the sorted set of characters that occur in text."""
-        return cls([chr(c) for c in np.unique(_codepoints(text))])
+        return cls.from_chunks([text])
+
+    @classmethod
+    def from_chunks(cls, chunks: Iterable[str | bytes]) -> "CharTokenizer":
+        """The sorted set of characters in a stream of text chunks (str or UTF-8 bytes), holding one at a time."""
+        ascii_seen = b""  # the ASCII characters found so far, as bytes
+        seen = None  # (UNICODE_SIZE,) bool, allocated at the first non-ASCII chunk
+        for chunk in chunks:
+            raw = _ascii_bytes(chunk)
+            if raw is not None:  # the common case takes C-speed bytes paths only
+                new = raw.translate(None, ascii_seen)  # drops every character already seen
+                if new:
+                    ascii_seen = np.union1d(np.frombuffer(ascii_seen, np.uint8), np.frombuffer(new, np.uint8)).tobytes()
+            else:
+                if seen is None:
+                    seen = np.zeros(UNICODE_SIZE, dtype=bool)
+                seen[_codepoints(_as_str(chunk))] = True
+        codes = np.frombuffer(ascii_seen, np.uint8).astype(np.int64)
+        if seen is not None:
+            codes = np.union1d(codes, np.flatnonzero(seen))
+        return cls([chr(c) for c in codes])
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CharTokenizer":
@@ -63,15 +104,64 @@ class CharTokenizer:
 
     def encode(self, text: str, dtype: Any = np.int64) -> np.ndarray:
         """Token ids of text as a (len(text),) array; a character outside the vocabulary is an error."""
-        codes = _codepoints(text)
-        pos = np.searchsorted(self._codes, codes)
-        pos_c = np.minimum(pos, len(self._codes) - 1)
-        if not np.array_equal(self._codes[pos_c], codes):
+        ids, unknown = self.encode_known(text, dtype)
+        if unknown:
             raise NanoGPTError(
-                f"characters not in the model's vocabulary: {describe_chars(self.unknown_chars(text))}; "
+                f"characters not in the model's vocabulary: {describe_chars(unknown)}; "
                 "remove them from the text (the vocabulary is the training corpus's characters)"
             )
-        return pos.astype(dtype, copy=False)
+        return ids
+
+    def encode_known(
+        self, text: str | bytes, dtype: Any = np.int64, replacement: Optional[str] = None
+    ) -> tuple[np.ndarray, Counter]:
+        """Token ids of text, with characters outside the vocabulary dropped (or replaced by replacement).
+
+        Returns the ids, (len(text) - dropped,), and the unknown characters with their counts. Vectorised: a
+        bytes.translate table for ASCII text, a dense code point -> id table for the rest. text may also be
+        UTF-8 bytes.
+        """
+        if replacement is not None and replacement not in self.chars:
+            raise NanoGPTError(f"the replacement character {replacement!r} is not in the vocabulary; pick one that is")
+        raw = _ascii_bytes(text)
+        if raw is not None:
+            mapped = raw.translate(self._ascii_table())  # one id byte per character (ASCII ids are < 128)
+            ids = np.frombuffer(mapped, dtype=np.uint8)
+            if _UNKNOWN_BYTE not in mapped:  # a memchr: the fast path costs two passes over the bytes
+                return ids.astype(dtype, copy=False), Counter()
+            codes, unknown_mask = np.frombuffer(raw, dtype=np.uint8), ids == _UNKNOWN_BYTE
+        else:
+            codes = _codepoints(_as_str(text))
+            ids = self._unicode_table()[codes]  # (len(text),) int32, -1 for unknown characters
+            unknown_mask = ids < 0
+            if not unknown_mask.any():
+                return ids.astype(dtype, copy=False), Counter()
+        values, counts = np.unique(codes[unknown_mask], return_counts=True)
+        unknown = Counter({chr(v): int(n) for v, n in zip(values, counts)})
+        if replacement is None:
+            ids = ids[~unknown_mask]
+        else:
+            ids = ids.copy()
+            ids[unknown_mask] = self.chars.index(replacement)
+        return ids.astype(dtype, copy=False), unknown
+
+    def _ascii_table(self) -> bytes:
+        """A 256-byte bytes.translate table: ASCII byte -> its id, anything unknown -> _UNKNOWN_BYTE."""
+        if self._byte_table is None:
+            table = bytearray([_UNKNOWN_BYTE]) * 256
+            for i, c in enumerate(self.chars):
+                if ord(c) < 128:
+                    table[ord(c)] = i
+            self._byte_table = bytes(table)
+        return self._byte_table
+
+    def _unicode_table(self) -> np.ndarray:
+        """A dense (UNICODE_SIZE,) int32 table: code point -> id, -1 outside the vocabulary (4.4 MB, built once)."""
+        if self._code_table is None:
+            table = np.full(UNICODE_SIZE, -1, dtype=np.int32)
+            table[self._codes] = np.arange(len(self._codes), dtype=np.int32)
+            self._code_table = table
+        return self._code_table
 
     def decode(self, ids: Iterable[int] | np.ndarray) -> str:
         ids = np.asarray(ids, dtype=np.int64)

@@ -37,6 +37,10 @@ def _offline_cache(nanogpt_cache, monkeypatch) -> None:
     monkeypatch.setenv("NANOGPT_CACHE", str(nanogpt_cache))
     # were anything to try a download, it would hit a closed loopback port, never the network
     monkeypatch.setenv("NANOGPT_TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
+    # Hugging Face libraries: offline, with their cache in the test cache (read when `datasets` is first imported)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(nanogpt_cache / "huggingface"))
 
 
 def run_script(script: str, *args: str, cwd: Path, env: dict | None = None, timeout: float = 600):

@@ -1,5 +1,4 @@
 import hashlib
-import os
 
 import numpy as np
 import pytest
@@ -10,7 +9,6 @@ from nanogpt.data import (
     CharDataModule,
     RandomBlocks,
     download_tinyshakespeare,
-    encode_cached,
     read_corpus,
     sample_batch,
     val_block_starts,
@@ -77,20 +75,6 @@ def test_datamodule_does_no_work_in_init_and_setup_is_idempotent(tmp_path, shake
     val = list(dm.val_dataloader())
     assert sum(len(b[0]) for b in val) == 10
     assert all(torch.equal(a[0], b[0]) for a, b in zip(val, dm.val_dataloader()))
-
-
-def test_encoded_corpus_is_cached_by_content_hash(tmp_path):
-    text = "some text to encode\n" * 100
-    tokens, tok = encode_cached(text, str(tmp_path))
-    key = hashlib.sha256(text.encode()).hexdigest()
-    cached = tmp_path / "encoded" / f"{key}.npy"
-    assert cached.is_file() and tokens.dtype == np.uint8
-    mtime = cached.stat().st_mtime_ns
-    again, tok2 = encode_cached(text, str(tmp_path))
-    assert isinstance(again, np.memmap) and np.array_equal(again, tokens) and tok2 == tok
-    assert cached.stat().st_mtime_ns == mtime  # reused, not rewritten
-    encode_cached(text + "more", str(tmp_path))
-    assert len(list((tmp_path / "encoded").glob("*.npy"))) == 2
 
 
 def test_directory_of_txt_files(tmp_path):

@@ -1,0 +1,135 @@
+"""Corpus benchmark: encoding throughput, cache hits, and peak memory while encoding and training on big corpora.
+
+    python benchmarks/data.py [--sizes_mb 100 2048] [--steps 5] [--workdir /tmp]
+
+For each size, writes a generated ASCII corpus into a temporary folder under --workdir, then runs three fresh
+processes (so each peak RSS is its own): encode it into an empty cache, load it again from the cache, and train
+a tiny model a few steps on it through CharDataModule. Everything generated is deleted afterwards. The last line
+printed is one JSON object: encode_mb_per_s (the largest corpus, both passes: vocabulary and encoding, one core;
+wall clock, and encode_mb_per_cpu_s per CPU second, which a busy shared machine does not distort),
+peak_rss_mb_small / peak_rss_mb_large (the larger of the encoding and training peaks), cache_hit_s (largest
+corpus), and the per-size figures. Target: peak RSS of the largest corpus within 1.3x of the smallest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+# about the characters of English prose, newlines included
+ALPHABET = np.frombuffer(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?'-\n", dtype=np.uint8)
+
+
+def write_corpus(path: Path, n_bytes: int, chunk: int = 1 << 24) -> None:
+    """n_bytes of random characters of ALPHABET, written chunk by chunk (memory stays bounded)."""
+    rng = np.random.default_rng(0)
+    with open(path, "wb") as f:
+        for start in range(0, n_bytes, chunk):
+            f.write(ALPHABET[rng.integers(0, len(ALPHABET), size=min(chunk, n_bytes - start))].tobytes())
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def child(task: str, source: str, cache: str, steps: int) -> dict:
+    """One measurement in this (fresh) process."""
+    from nanogpt.corpus import CorpusConfig, prepare_corpus
+
+    if task in ("encode", "hit"):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        corpus = prepare_corpus(CorpusConfig(source=source), cache)
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        assert corpus.from_cache == (task == "hit")
+        return {"seconds": seconds, "cpu_seconds": cpu_seconds, "tokens": len(corpus.train),
+                "peak_rss_mb": peak_rss_mb()}
+
+    import lightning as L
+
+    from nanogpt.data import CharDataModule
+    from nanogpt.module import GPTModule
+
+    dm = CharDataModule(source=source, batch_size=16, block_size=64, val_blocks=16, cache_dir=cache)
+    model = GPTModule(vocab_size=dm.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=64, dropout=0.0)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=-1, max_steps=steps, val_check_interval=steps,
+        check_val_every_n_epoch=None, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=dm)
+    return {"seconds": time.perf_counter() - start, "steps": trainer.global_step, "peak_rss_mb": peak_rss_mb()}
+
+
+def run_child(task: str, source: Path, cache: Path, steps: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", task, "--source", str(source), "--cache", str(cache),
+           "--steps", str(steps)]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"{task} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes_mb", type=int, nargs="+", default=[100, 2048])
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--workdir", default=tempfile.gettempdir())
+    p.add_argument("--child", choices=["encode", "hit", "train"], help=argparse.SUPPRESS)
+    p.add_argument("--source", help=argparse.SUPPRESS)
+    p.add_argument("--cache", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.source, args.cache, args.steps)))
+        return
+
+    sizes = {}
+    for mb in sorted(args.sizes_mb):
+        work = Path(tempfile.mkdtemp(prefix="nanogpt-bench-", dir=args.workdir))
+        try:
+            corpus = work / "corpus.txt"
+            start = time.perf_counter()
+            write_corpus(corpus, mb * 10**6)
+            print(f"{mb} MB corpus written in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+            encode = run_child("encode", corpus, work / "cache", args.steps)
+            hit = run_child("hit", corpus, work / "cache", args.steps)
+            train = run_child("train", corpus, work / "cache", args.steps)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        sizes[mb] = {
+            "encode_mb_per_s": round(mb / encode["seconds"], 1),
+            "encode_mb_per_cpu_s": round(mb / encode["cpu_seconds"], 1),  # per core, whatever else runs
+            "encode_s": round(encode["seconds"], 2),
+            "cache_hit_s": round(hit["seconds"], 4),
+            "peak_rss_mb_encode": round(encode["peak_rss_mb"], 1),
+            "peak_rss_mb_train": round(train["peak_rss_mb"], 1),
+            "train_steps": train["steps"],
+            "train_s": round(train["seconds"], 2),
+        }
+        print(f"{mb} MB: {json.dumps(sizes[mb])}", file=sys.stderr)
+
+    small, large = sizes[min(sizes)], sizes[max(sizes)]
+    peak_small = max(small["peak_rss_mb_encode"], small["peak_rss_mb_train"])
+    peak_large = max(large["peak_rss_mb_encode"], large["peak_rss_mb_train"])
+    print(json.dumps({
+        "encode_mb_per_s": large["encode_mb_per_s"],
+        "encode_mb_per_cpu_s": large["encode_mb_per_cpu_s"],
+        "peak_rss_mb_small": peak_small,
+        "peak_rss_mb_large": peak_large,
+        "cache_hit_s": large["cache_hit_s"],
+        "peak_rss_ratio": round(peak_large / peak_small, 3),
+        "sizes_mb": {str(k): v for k, v in sizes.items()},
+    }))
+
+
+if __name__ == "__main__":
+    main()
