@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from nanogpt.callbacks import RunCheckpoint
 from nanogpt.data import CharDataModule
+from nanogpt.distributed import apply_ddp_defaults, plan_batch
 from nanogpt.errors import NanoGPTError
 from nanogpt.module import GPTModule
 
@@ -119,7 +120,13 @@ class GPTLightningCLI(LightningCLI):
         if trainer_config.get("enable_checkpointing") is not False:
             callbacks = list(trainer_config.get("callbacks") or [])
             kwargs["callbacks"] = callbacks + [RunCheckpoint(dirpath=str(Path(run_dir) / "checkpoints"))]
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        apply_ddp_defaults(trainer.strategy)
+        # the world size is known once the Trainer exists: refuse a global batch that does not divide now,
+        # before any process is launched (the data module applies the same plan in setup on every rank)
+        dm = self.datamodule
+        plan_batch(dm.batch_size, trainer.world_size, dm.micro_batch_size, trainer.accumulate_grad_batches)
+        return trainer
 
 
 def main(args: Optional[list[str]] = None) -> None:
