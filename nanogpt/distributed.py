@@ -37,11 +37,10 @@ class BatchPlan:
         )
 
 
-def _divisors_hint(global_batch: int, world_size: int) -> str:
-    good = [m for m in range(1, global_batch + 1) if global_batch % (m * world_size) == 0]
-    if not good:
-        return f"pick a global batch that is a multiple of {world_size}, e.g. {world_size * max(1, global_batch // world_size)}"
-    return f"micro-batch sizes that divide it on {world_size} device(s): {', '.join(map(str, good[-6:]))}"
+def _multiples(n: int, of: int) -> str:
+    """The multiples of `of` nearest to n, for a hint."""
+    lo = of * max(1, n // of)
+    return f"e.g. {lo} or {lo + of}"
 
 
 def plan_batch(
@@ -60,23 +59,27 @@ def plan_batch(
         raise NanoGPTError(f"data.micro_batch_size must be a positive integer, got {micro_batch}")
     if accumulation is not None and accumulation < 1:
         raise NanoGPTError(f"trainer.accumulate_grad_batches must be a positive integer, got {accumulation}")
+    accumulation = accumulation or 1
     if micro_batch is None:
-        per_step = world_size * (accumulation or 1)
+        per_step = world_size * accumulation
         if global_batch % per_step:
+            over = f"{world_size} device(s)" + (f" x {accumulation} accumulation steps" if accumulation > 1 else "")
             raise NanoGPTError(
-                f"data.batch_size {global_batch} (the global batch) does not divide over {world_size} device(s)"
-                + (f" x {accumulation} accumulation steps" if accumulation and accumulation > 1 else "")
-                + f"; set --data.batch_size to a multiple of {per_step}"
-                + (f" or {_divisors_hint(global_batch, world_size)} via --data.micro_batch_size" if accumulation else "")
+                f"data.batch_size {global_batch} (the global batch) does not split evenly over {over}; "
+                f"set --data.batch_size to a multiple of {per_step} ({_multiples(global_batch, per_step)})"
             )
-        return BatchPlan(global_batch, global_batch // per_step, accumulation or 1, world_size)
-    if global_batch % (micro_batch * world_size):
+        return BatchPlan(global_batch, global_batch // per_step, accumulation, world_size)
+    per_step = micro_batch * world_size
+    if global_batch % per_step:
+        fits = [m for m in range(1, global_batch // world_size + 1) if global_batch % (m * world_size) == 0]
+        hint = f"set --data.micro_batch_size to one of {fits[-6:]}, or " if fits else ""
         raise NanoGPTError(
             f"data.batch_size {global_batch} (the global batch) is not a multiple of data.micro_batch_size "
-            f"{micro_batch} x {world_size} device(s) = {micro_batch * world_size}; {_divisors_hint(global_batch, world_size)}"
+            f"{micro_batch} x {world_size} device(s) = {per_step}; {hint}set --data.batch_size to a multiple of "
+            f"{per_step} ({_multiples(global_batch, per_step)})"
         )
-    derived = global_batch // (micro_batch * world_size)
-    if accumulation not in (None, 1, derived):
+    derived = global_batch // per_step
+    if accumulation not in (1, derived):
         raise NanoGPTError(
             f"trainer.accumulate_grad_batches {accumulation} disagrees with data.batch_size {global_batch} / "
             f"(data.micro_batch_size {micro_batch} x {world_size} device(s)) = {derived}; leave "
