@@ -89,13 +89,16 @@ def plan_batch(
 
 
 def apply_ddp_defaults(strategy: Any) -> None:
-    """Gives a DDPStrategy (named "ddp", chosen by "auto", or a class_path) DDP_DEFAULTS it was not given.
+    """Gives a DDPStrategy (named "ddp", chosen by "auto", or a class_path) the DDP_DEFAULTS.
 
-    Lightning keeps the DistributedDataParallel kwargs in `_ddp_kwargs` until fit wraps the model.
+    Lightning keeps the DistributedDataParallel kwargs in `_ddp_kwargs` until fit wraps the model. A
+    find_unused_parameters the user set is kept. gradient_as_bucket_view is always turned on: for a
+    class_path strategy jsonargparse fills in DDP's own default (False), so a False there is no choice.
     """
     if isinstance(strategy, DDPStrategy):
-        for key, value in DDP_DEFAULTS.items():
-            strategy._ddp_kwargs.setdefault(key, value)
+        kwargs = strategy._ddp_kwargs
+        kwargs.setdefault("find_unused_parameters", DDP_DEFAULTS["find_unused_parameters"])
+        kwargs["gradient_as_bucket_view"] = DDP_DEFAULTS["gradient_as_bucket_view"]
 
 
 class GPTFSDPStrategy(FSDPStrategy):
