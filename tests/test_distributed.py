@@ -146,3 +146,10 @@ def test_fsdp_on_cpu_is_a_clear_error(tmp_path):
         GPTLightningCLI(["--config", str(FSDP_CONFIG), "--trainer.accelerator", "cpu", "--trainer.devices", "2",
                          "--model.n_layer", "2", "--model.n_head", "2", "--model.n_embd", "64",
                          "--model.block_size", "32", "--trainer.default_root_dir", str(tmp_path / "run")])
+
+
+def test_a_global_batch_that_does_not_divide_is_refused_before_any_process_starts(tmp_path):
+    with pytest.raises(NanoGPTError, match="data.batch_size 15 .* over 2 device"):
+        _cli("--trainer.devices", 2, "--trainer.strategy", "ddp", "--data.batch_size", 15,
+             "--trainer.default_root_dir", tmp_path / "run")
+    assert not (tmp_path / "run").exists()
