@@ -124,7 +124,7 @@ class GPTLightningCLI(LightningCLI):
             kwargs["callbacks"] = callbacks + [RunCheckpoint(dirpath=str(Path(run_dir) / "checkpoints"))]
         try:
             trainer = super().instantiate_trainer(**kwargs)
-        except MisconfigurationException as e:  # e.g. more devices than the machine has
+        except (MisconfigurationException, ValueError) as e:  # e.g. more devices than the machine has, a bad name
             raise NanoGPTError(f"bad trainer settings: {' '.join(str(e).split())}") from None
         apply_ddp_defaults(trainer.strategy)
         if isinstance(trainer.strategy, FSDPStrategy) and trainer.strategy.root_device.type == "cpu":

@@ -153,3 +153,8 @@ def test_a_global_batch_that_does_not_divide_is_refused_before_any_process_start
         _cli("--trainer.devices", 2, "--trainer.strategy", "ddp", "--data.batch_size", 15,
              "--trainer.default_root_dir", tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_strategy_name_is_a_clear_error(tmp_path):
+    with pytest.raises(NanoGPTError, match="bad trainer settings: .*invalid strategy name"):
+        _cli("--trainer.strategy", "nanogpt.distributed.GPTFSDPStrategy", "--trainer.default_root_dir", tmp_path / "r")
