@@ -12,8 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from tests.conftest import REPO, TINY_CONFIG, read_scalars, run_script
 
@@ -35,14 +37,39 @@ def _train(run: Path, *args, cwd: Path, cache: Path):
     return result
 
 
+class DDPProbe(L.Callback):
+    """Records on each rank the settings of the real DistributedDataParallel wrapper and counts its all-reduces."""
+
+    def __init__(self, out: str) -> None:
+        self.out, self.allreduces = out, 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        ddp = trainer.strategy.model
+        self.settings = {"find_unused_parameters": ddp.find_unused_parameters,
+                         "gradient_as_bucket_view": ddp.gradient_as_bucket_view}
+        ddp.register_comm_hook(state=None, hook=self._count)
+
+    def _count(self, state, bucket):
+        self.allreduces += 1  # once per gradient bucket per synchronised backward
+        return allreduce_hook(None, bucket)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        record = {**self.settings, "allreduces": self.allreduces, "steps": trainer.global_step,
+                  "accumulation": trainer.accumulate_grad_batches}
+        Path(self.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
 @pytest.fixture(scope="module")
 def ddp_work(tmp_path_factory, nanogpt_cache):
-    """A 2-process run of 20 steps (8 sequences per device) in work/run, and a copy of it in work/run20.
-
-    test_ddp_run_resumes_where_it_stopped resumes work/run in place; the other tests read the copy.
+    """A 2-process run of 20 steps in work/run (4 sequences per device x 2 accumulation micro-steps), and a
+    copy of it in work/run20. test_ddp_run_resumes_where_it_stopped resumes work/run in place; the others
+    read the copy. DDPProbe writes its records to work/probe.
     """
     work = tmp_path_factory.mktemp("ddp")
-    result = _train(work / "run", *TWO_PROCESSES, "--trainer.max_steps", "20", cwd=work, cache=nanogpt_cache)
+    (work / "probe").mkdir()
+    probe = json.dumps({"class_path": "tests.test_ddp.DDPProbe", "init_args": {"out": str(work / "probe")}})
+    result = _train(work / "run", *TWO_PROCESSES, "--data.micro_batch_size", "4", "--trainer.max_steps", "20",
+                    "--trainer.callbacks+", probe, cwd=work, cache=nanogpt_cache)
     shutil.copytree(work / "run", work / "run20")
     return work, result
 
@@ -55,9 +82,9 @@ def ddp_run(ddp_work):
 
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory, nanogpt_cache):
-    """The same config on 1 process for 30 steps, the global batch of 16 as 2 accumulation micro-steps of 8."""
+    """The same config on 1 process for 30 steps, with the default strategy: 16 sequences in one micro-step."""
     work = tmp_path_factory.mktemp("single")
-    _train(work / "run", "--data.micro_batch_size", "8", "--trainer.max_steps", "30", cwd=work, cache=nanogpt_cache)
+    _train(work / "run", "--trainer.max_steps", "30", cwd=work, cache=nanogpt_cache)
     return work / "run"
 
 
@@ -81,24 +108,35 @@ def test_ddp_run_writes_one_set_of_checkpoints_and_one_tensorboard_run(ddp_run):
     assert [s for s, _ in scalars["train/loss"]] == list(range(20))  # each step once: rank 1 logs nothing
     assert [s for s, _ in scalars["val/loss"]] == [9, 19]
     assert {t: v[0][1] for t, v in scalars.items() if t.startswith("batch/")} == {
-        "batch/global": 16, "batch/micro": 8, "batch/accumulation": 1, "batch/world_size": 2}
+        "batch/global": 16, "batch/micro": 4, "batch/accumulation": 2, "batch/world_size": 2}
     output = result.stdout + result.stderr
-    assert output.count("batch: global batch 16 = micro-batch 8 x 2 device(s) x 1 accumulation step(s)") == 1
+    assert output.count("batch: global batch 16 = micro-batch 4 x 2 device(s) x 2 accumulation step(s)") == 1
     assert output.count("Total params") == 1  # the model summary, like all progress output, from rank 0 only
+
+
+def test_ddp_runs_with_the_free_settings_and_no_allreduce_on_accumulation_micro_steps(ddp_work):
+    work, _ = ddp_work
+    records = [json.loads((work / "probe" / f"rank{r}.json").read_text()) for r in range(2)]
+    for record in records:
+        assert record["find_unused_parameters"] is False and record["gradient_as_bucket_view"] is True
+        assert record["accumulation"] == 2 and record["steps"] == 20
+        # 40 backward passes per rank, but gradients are all-reduced only on the 20 that end an optimizer
+        # step (the tiny model's gradients fit one bucket): the micro-steps between run under no_sync
+        assert record["allreduces"] == 20
 
 
 def test_two_processes_train_like_one_with_the_same_global_batch(ddp_run, single_run):
     two, one = read_scalars(ddp_run[0]), read_scalars(single_run)
     assert {t: v[0][1] for t, v in one.items() if t.startswith("batch/")} == {
-        "batch/global": 16, "batch/micro": 8, "batch/accumulation": 2, "batch/world_size": 1}
-    # same seed, so the same initial weights; the two ranks' halves (here: the two micro-steps) make up
-    # the same global batch, so the first-step losses agree and training stays together
+        "batch/global": 16, "batch/micro": 16, "batch/accumulation": 1, "batch/world_size": 1}
+    # same seed, so the same initial weights; the two ranks' micro-batches make up the 1-process batch,
+    # so the first-step losses agree and training stays together
     assert two["train/loss"][0][1] == pytest.approx(one["train/loss"][0][1], abs=1e-5)
-    assert [s for s, _ in one["train/loss"]] == list(range(30))  # logged per optimizer step
+    assert [s for s, _ in two["train/loss"]] == list(range(20))  # logged per optimizer step, not micro-step
     for (s2, v2), (s1, v1) in zip(two["train/loss"], one["train/loss"][:20]):
         assert s1 == s2 and v2 == pytest.approx(v1, abs=1e-4)
     assert [v for _, v in two["train/lr"]] == pytest.approx([v for _, v in one["train/lr"][:20]])  # same schedule
-    assert [s for s, _ in one["val/loss"]] == [9, 19, 29]  # val_check_interval stays in optimizer steps
+    assert [s for s, _ in two["val/loss"]] == [9, 19]  # val_check_interval stays in optimizer steps
     assert two["val/loss"][-1][1] == pytest.approx(dict(one["val/loss"])[19], abs=1e-4)
 
 
@@ -138,7 +176,8 @@ def test_val_loss_on_two_processes_equals_one_process_on_the_same_checkpoint(ddp
 def test_ddp_run_resumes_where_it_stopped(ddp_work, single_run, nanogpt_cache):
     work, _ = ddp_work
     run = work / "run"
-    _train(run, *TWO_PROCESSES, "--trainer.max_steps", "30", "--ckpt_path", "last", cwd=work, cache=nanogpt_cache)
+    _train(run, *TWO_PROCESSES, "--data.micro_batch_size", "4", "--trainer.max_steps", "30", "--ckpt_path", "last",
+           cwd=work, cache=nanogpt_cache)
     state = _state(run)
     assert state["global_step"] == 30
     assert sorted(p.name for p in run.rglob("*.ckpt")) == ["best.ckpt", "last.ckpt"]
