@@ -17,6 +17,8 @@ import pytest
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
+from nanogpt.data import CharDataModule
+from nanogpt.module import GPTModule
 from tests.conftest import REPO, TINY_CONFIG, read_scalars, run_script
 
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
@@ -140,37 +142,38 @@ def test_two_processes_train_like_one_with_the_same_global_batch(ddp_run, single
     assert two["val/loss"][-1][1] == pytest.approx(dict(one["val/loss"])[19], abs=1e-4)
 
 
+def validate(ckpt: str, devices: int, strategy: str) -> dict:
+    """val metrics of a checkpoint from a real Trainer.validate on `devices` CPU processes (rank 0's result)."""
+    model = GPTModule.load_from_checkpoint(ckpt, map_location="cpu")
+    # 63 blocks: 32 on rank 0 and 31 on rank 1, in micro-batches of 8 (16 on one process)
+    data = CharDataModule(block_size=model.hparams.block_size, batch_size=16, val_blocks=63)
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    (metrics,) = trainer.validate(model, datamodule=data)
+    return metrics
+
+
+# the 2-process side: a script the DDP launcher can start again as rank 1
 VALIDATE = """
 import json, sys
-import lightning as L
-from nanogpt.data import CharDataModule
-from nanogpt.module import GPTModule
-
-ckpt, devices, strategy, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-model = GPTModule.load_from_checkpoint(ckpt, map_location="cpu")
-# 63 blocks: 32 on rank 0 and 31 on rank 1, in micro-batches of 8 (16 on one process)
-data = CharDataModule(block_size=model.hparams.block_size, batch_size=16, val_blocks=63)
-trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False,
-                    enable_progress_bar=False, enable_model_summary=False)
-(metrics,) = trainer.validate(model, datamodule=data)
-if trainer.is_global_zero:
-    open(out, "w").write(json.dumps(metrics))
+from tests.test_ddp import validate
+metrics = validate(sys.argv[1], 2, "ddp")
+if int(__import__("os").environ.get("LOCAL_RANK", 0)) == 0:
+    open(sys.argv[2], "w").write(json.dumps(metrics))
 """
 
 
 def test_val_loss_on_two_processes_equals_one_process_on_the_same_checkpoint(ddp_run, tmp_path):
-    script = tmp_path / "validate.py"
+    ckpt = str(ddp_run[0] / "checkpoints" / "last.ckpt")
+    script, out = tmp_path / "validate.py", tmp_path / "val2.json"
     script.write_text(VALIDATE, encoding="utf-8")
-    ckpt = ddp_run[0] / "checkpoints" / "last.ckpt"
-    losses = {}
-    for devices, strategy in ((1, "auto"), (2, "ddp")):
-        out = tmp_path / f"val{devices}.json"
-        result = subprocess.run([sys.executable, str(script), str(ckpt), str(devices), strategy, str(out)],
-                                cwd=tmp_path, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-        losses[devices] = json.loads(out.read_text())["val/loss"]
-    assert abs(losses[2] - losses[1]) < 1e-5, losses
-    assert 2.5 < losses[1] < 4.2  # a real loss of the trained model, not a constant
+    result = subprocess.run([sys.executable, str(script), ckpt, str(out)], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = json.loads(out.read_text())["val/loss"]
+    one = validate(ckpt, 1, "auto")["val/loss"]  # in this process
+    assert abs(two - one) < 1e-5, (one, two)
+    assert 2.5 < one < 4.2  # a real loss of the trained model, not a constant
 
 
 def test_ddp_run_resumes_where_it_stopped(ddp_work, single_run, nanogpt_cache):
