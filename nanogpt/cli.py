@@ -16,9 +16,12 @@ import torch
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from nanogpt.callbacks import RunCheckpoint
 from nanogpt.data import CharDataModule
+from nanogpt.distributed import apply_ddp_defaults, plan_batch
 from nanogpt.errors import NanoGPTError
 from nanogpt.module import GPTModule
 
@@ -26,7 +29,7 @@ from nanogpt.module import GPTModule
 TRAINER_DEFAULTS: dict[str, Any] = {
     "max_epochs": -1,  # the training stream is endless: max_steps ends the run
     "max_steps": 5000,
-    "val_check_interval": 250,  # batches between validations
+    "val_check_interval": 250,  # optimizer steps between validations (the CLI scales it by the accumulation)
     "check_val_every_n_epoch": None,
     "log_every_n_steps": 10,
     "gradient_clip_val": 1.0,
@@ -119,7 +122,25 @@ class GPTLightningCLI(LightningCLI):
         if trainer_config.get("enable_checkpointing") is not False:
             callbacks = list(trainer_config.get("callbacks") or [])
             kwargs["callbacks"] = callbacks + [RunCheckpoint(dirpath=str(Path(run_dir) / "checkpoints"))]
-        return super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError) as e:  # e.g. more devices than the machine has, a bad name
+            raise NanoGPTError(f"bad trainer settings: {' '.join(str(e).split())}") from None
+        apply_ddp_defaults(trainer.strategy)
+        if isinstance(trainer.strategy, FSDPStrategy) and trainer.strategy.root_device.type == "cpu":
+            raise NanoGPTError(
+                "FSDP needs GPUs (PyTorch's FSDP does not run on CPU); use --trainer.accelerator gpu, "
+                "or --trainer.strategy ddp to train on CPU processes"
+            )
+        # the world size is known once the Trainer exists: refuse a global batch that does not divide now,
+        # before any process is launched (the data module applies the same plan in setup on every rank)
+        dm = self.datamodule
+        plan = plan_batch(dm.batch_size, trainer.world_size, dm.micro_batch_size, trainer.accumulate_grad_batches)
+        trainer.accumulate_grad_batches = plan.accumulation
+        if isinstance(trainer.val_check_interval, int):
+            # Lightning counts val_check_interval in micro-batches: keep it in optimizer steps on any device count
+            trainer.val_check_interval *= plan.accumulation
+        return trainer
 
 
 def main(args: Optional[list[str]] = None) -> None:

@@ -1,6 +1,6 @@
 """Character data: a corpus encoded once into a memory-mapped cache (nanogpt.corpus), served as blocks.
 
-Training batches are a pure function of (seed, global rank, step): ranks never draw the same
+Training batches are a pure function of (seed, global rank, world size, step): ranks never draw the same
 blocks and a resumed run continues the very same sequence. Validation uses a fixed set of blocks.
 """
 
@@ -25,6 +25,7 @@ from nanogpt.corpus import (  # noqa: F401
     tinyshakespeare_path,
     token_dtype,
 )
+from nanogpt.distributed import BatchPlan, plan_batch
 from nanogpt.errors import NanoGPTError
 from nanogpt.tokenizer import CharTokenizer
 
@@ -38,24 +39,67 @@ def sample_batch(
     """
     rng = np.random.default_rng([seed, rank, step])
     starts = rng.integers(0, len(tokens) - block_size, size=batch_size)  # (B,), block+1 tokens fit after each
+    return blocks_at(tokens, starts, block_size)
+
+
+def blocks_at(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blocks at the given starts (B,): inputs and next-token targets, each (B, block_size), int64."""
     blocks = tokens[starts[:, None] + np.arange(block_size + 1)]  # (B, block_size + 1)
     blocks = torch.from_numpy(blocks.astype(np.int64))
     return blocks[:, :-1].contiguous(), blocks[:, 1:].contiguous()
 
 
+def sample_rank_batch(
+    tokens: np.ndarray,
+    block_size: int,
+    micro_batch: int,
+    seed: int,
+    rank: int,
+    micro_step: int,
+    world_size: int = 1,
+    accumulation: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One rank's micro-batch: its share of the global batch of optimizer step micro_step // accumulation.
+
+    The global batch of a step is a pure function of (seed, step) with micro_batch * world_size * accumulation
+    blocks, laid out as (accumulation, world_size, micro_batch); each rank takes its own rows, so ranks never
+    share blocks and 1, 2 or 8 devices with the same global batch train on the very same sequences.
+    Returns x, y of shape (micro_batch, block_size), int64.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside a world of {world_size}")
+    step, i = divmod(micro_step, accumulation)
+    rng = np.random.default_rng([seed, step])
+    starts = rng.integers(0, len(tokens) - block_size, size=micro_batch * world_size * accumulation)  # (global,)
+    first = (i * world_size + rank) * micro_batch
+    return blocks_at(tokens, starts[first : first + micro_batch], block_size)
+
+
 class RandomBlocks(IterableDataset):
-    """An endless stream of training batches for one rank, starting at a given step."""
+    """An endless stream of one rank's training micro-batches (of batch_size each), starting at a micro-step."""
 
     def __init__(
-        self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int, rank: int, start_step: int = 0
+        self,
+        tokens: np.ndarray,
+        block_size: int,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        start_step: int = 0,
+        world_size: int = 1,
+        accumulation: int = 1,
     ) -> None:
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
         self.seed, self.rank, self.start_step = seed, rank, start_step
+        self.world_size, self.accumulation = world_size, accumulation
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         step = self.start_step
         while True:
-            yield sample_batch(self.tokens, self.block_size, self.batch_size, self.seed, self.rank, step)
+            yield sample_rank_batch(
+                self.tokens, self.block_size, self.batch_size, self.seed, self.rank, step,
+                self.world_size, self.accumulation,
+            )
             step += 1
 
 
@@ -76,9 +120,7 @@ class FixedBlocks(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for i in range(0, len(self.starts), self.batch_size):
-            starts = self.starts[i : i + self.batch_size]
-            blocks = torch.from_numpy(self.tokens[starts[:, None] + np.arange(self.block_size + 1)].astype(np.int64))
-            yield blocks[:, :-1].contiguous(), blocks[:, 1:].contiguous()
+            yield blocks_at(self.tokens, self.starts[i : i + self.batch_size], self.block_size)
 
 
 class CharDataModule(L.LightningDataModule):
@@ -87,7 +129,8 @@ class CharDataModule(L.LightningDataModule):
     Args:
         source: "tinyshakespeare" (downloaded once into the cache), a text file, a directory (files matching glob,
             recursively), a .jsonl/.json/.csv/.parquet file, a save_to_disk dataset folder, or "hf:NAME".
-        batch_size: sequences per training step on each device.
+        batch_size: the global batch: sequences per optimizer step, summed over all devices and accumulation
+            micro-steps. The same value trains the same way on any number of devices.
         block_size: context length; linked from model.block_size by the CLI.
         val_fraction: share of the corpus, taken from its end, held out for validation.
         val_blocks: number of fixed validation blocks, spread evenly over the validation split.
@@ -103,6 +146,9 @@ class CharDataModule(L.LightningDataModule):
         vocab: reuse the vocabulary of a checkpoint, run dir or vocabulary .json (fine-tuning on new text).
         oov: characters outside a reused vocabulary: "error" (lists them), "drop", or "replace" (oov_replacement).
         oov_replacement: the character that replaces them with oov="replace".
+        micro_batch_size: sequences per forward/backward on one device (also the validation batch); the
+            gradient accumulation is batch_size / (micro_batch_size x devices). Default: batch_size / devices,
+            no accumulation. Lower it when a device runs out of memory; the training stays the same.
     """
 
     def __init__(
@@ -124,6 +170,7 @@ class CharDataModule(L.LightningDataModule):
         vocab: Optional[str] = None,
         oov: Literal["error", "drop", "replace"] = "error",
         oov_replacement: Optional[str] = None,
+        micro_batch_size: Optional[int] = None,
     ) -> None:
         super().__init__()
         self.source = source
@@ -138,6 +185,8 @@ class CharDataModule(L.LightningDataModule):
             separator=separator, val_source=val_source, hf_val_split=hf_val_split, vocab=vocab, oov=oov,
             oov_replacement=oov_replacement,
         )  # checked and used in prepare_data/setup: __init__ does no work
+        self.micro_batch_size = micro_batch_size
+        self.batch_plan: Optional[BatchPlan] = None  # set by setup() once a Trainer gives the world size
         self._tokens: Optional[np.ndarray] = None
         self._val: Optional[np.ndarray] = None  # the val_source tokens, when there is one
         self._prepared = None
@@ -149,7 +198,16 @@ class CharDataModule(L.LightningDataModule):
             self._prepared = prepare_corpus(CorpusConfig(**self.corpus_config), self.cache_dir)
 
     def setup(self, stage: Optional[str] = None) -> None:
-        """Reads and encodes the corpus (from the cache when it was seen before) and checks the splits."""
+        """Reads and encodes the corpus (from the cache when it was seen before) and checks the splits.
+
+        Under a Trainer, also splits the global batch over its world size and sets its gradient accumulation.
+        """
+        if self.trainer is not None:
+            trainer = self.trainer
+            self.batch_plan = plan_batch(
+                self.batch_size, trainer.world_size, self.micro_batch_size, trainer.accumulate_grad_batches
+            )
+            trainer.accumulate_grad_batches = self.batch_plan.accumulation
         if self._tokens is not None:
             return
         for name in ("batch_size", "block_size", "val_blocks"):
@@ -213,16 +271,24 @@ class CharDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
+    @property
+    def micro_batch(self) -> int:
+        """Sequences per device per micro-step (the whole batch when no Trainer has planned a split)."""
+        return self.batch_plan.micro_batch if self.batch_plan is not None else self.batch_size
+
     def train_dataloader(self) -> DataLoader:
-        rank, _ = self._rank_and_world()
+        rank, world = self._rank_and_world()
+        accumulation = self.batch_plan.accumulation if self.batch_plan is not None else 1
         # continue the batch sequence where a resumed run left off (loops are restored before this is called)
         start = self.trainer.global_step * self.trainer.accumulate_grad_batches if self.trainer is not None else 0
-        ds = RandomBlocks(self.train_tokens, self.block_size, self.batch_size, self.seed, rank, start)
+        ds = RandomBlocks(
+            self.train_tokens, self.block_size, self.micro_batch, self.seed, rank, start, world, accumulation
+        )
         return DataLoader(ds, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._rank_and_world()
         starts = val_block_starts(len(self.val_tokens), self.block_size, self.val_blocks)
         # each rank takes every world-th block: no overlap, no padding, so reduced metrics match one process
-        ds = FixedBlocks(self.val_tokens, starts[rank::world], self.block_size, self.batch_size)
+        ds = FixedBlocks(self.val_tokens, starts[rank::world], self.block_size, self.micro_batch)
         return DataLoader(ds, batch_size=None)

@@ -8,6 +8,7 @@ from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from nanogpt.errors import NanoGPTError
@@ -80,6 +81,7 @@ class GPTModule(L.LightningModule):
             )
         self.model = GPT(self.config)
         self.val_loss = MeanMetric()
+        self._loss_step, self._loss_count, self._loss_sum = -1, 0, torch.zeros(())  # see _global_batch_loss
         self.tokenizer: Optional[CharTokenizer] = None
 
     def forward(
@@ -90,9 +92,25 @@ class GPTModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch  # (B, T), (B, T)
         _, loss = self.model(x, y)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", self._global_batch_loss(loss), prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])  # a Python float: no device sync
         return loss
+
+    def _global_batch_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The mean loss over the optimizer step's micro-batches so far; on steps the logger writes, over all ranks.
+
+        So train/loss is the loss of the whole global batch on any number of devices and accumulation steps,
+        at the cost of one scalar all-reduce every log_every_n_steps steps.
+        """
+        if self._loss_step != self.global_step:  # the first micro-step of an optimizer step
+            self._loss_sum, self._loss_count, self._loss_step = torch.zeros_like(loss.detach()), 0, self.global_step
+        self._loss_sum = self._loss_sum + loss.detach()
+        self._loss_count += 1
+        mean = self._loss_sum / self._loss_count
+        trainer = self.trainer
+        if trainer.world_size > 1 and (self.global_step + 1) % trainer.log_every_n_steps == 0:
+            mean = trainer.strategy.reduce(mean, reduce_op="mean")  # every rank takes this branch together
+        return mean
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
@@ -103,9 +121,10 @@ class GPTModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()  # reduced across ranks
         self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True)
-        self.log("val/ppl", torch.exp(loss))
-        self.log("val/bpc", loss / math.log(2))  # nats per character -> bits per character
+        # the values are already equal on every rank; sync_dist only spares Lightning's warning (3 scalars)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", torch.exp(loss), sync_dist=True)
+        self.log("val/bpc", loss / math.log(2), sync_dist=True)  # nats per character -> bits per character
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -138,6 +157,22 @@ class GPTModule(L.LightningModule):
                 raise NanoGPTError(
                     f"model.vocab_size is {self.config.vocab_size} but the data has {self.tokenizer.vocab_size} "
                     "characters; leave vocab_size unset so it is taken from the data"
+                )
+
+    def on_train_start(self) -> None:
+        # the split of the global batch in use, once: on the console and as scalars at the start step
+        plan = getattr(getattr(self.trainer, "datamodule", None), "batch_plan", None)
+        if plan is not None:
+            rank_zero_info(f"batch: {plan.describe()}")
+            if self.logger is not None:  # loggers write on rank 0 only
+                self.logger.log_metrics(
+                    {
+                        "batch/global": plan.global_batch,
+                        "batch/micro": plan.micro_batch,
+                        "batch/accumulation": plan.accumulation,
+                        "batch/world_size": plan.world_size,
+                    },
+                    step=self.global_step,
                 )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
