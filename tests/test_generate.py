@@ -94,6 +94,15 @@ def test_prompt_longer_than_block_size():
     assert a.shape == (2, 60) and torch.equal(a, b)
 
 
+def test_cached_generation_under_bf16_autocast():
+    # as a sampling callback inside a bf16-mixed training loop would call it: the cache keeps float32,
+    # autocast casts what SDPA gets
+    model = tiny_model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.generate(torch.zeros((2, 3), dtype=torch.long), 30, temperature=0, use_cache=True)
+    assert out.shape == (2, 33)
+
+
 def test_sample_logits_greedy_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     assert sample_logits(logits, temperature=0).item() == 0
