@@ -80,7 +80,7 @@ def check_sampling(
     if max_new_tokens < 0:
         raise NanoGPTError(f"{flag}max_new_tokens must be 0 or more, got {max_new_tokens}")
     if not temperature >= 0:  # also catches nan
-        raise NanoGPTError(f"{flag}temperature must be 0 or more (0 picks the most likely character), got {temperature}")
+        raise NanoGPTError(f"{flag}temperature must be 0 or more (0 is greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise NanoGPTError(f"{flag}top_k must be at least 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
