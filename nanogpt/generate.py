@@ -1,7 +1,8 @@
 """Sampling from a trained model: load a checkpoint (no dataset needed) and generate text.
 
     python sample.py --ckpt RUN_DIR_OR_FILE [--prompt TEXT | --prompt_file FILE] [--num_samples N]
-                     [--max_new_tokens N] [--temperature T] [--top_k K] [--seed S] [--device auto|cpu|cuda]
+                     [--max_new_tokens N] [--temperature T] [--top_k K] [--top_p P] [--stop STRING]
+                     [--seed S] [--stream] [--no_cache] [--device auto|cpu|cuda]
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ import pickle
 import sys
 import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
 from nanogpt.errors import NanoGPTError
 from nanogpt.model import GPT, GPTConfig
-from nanogpt.tokenizer import CharTokenizer
+from nanogpt.tokenizer import CharTokenizer, describe_chars
 
 
 def resolve_checkpoint(path: str) -> Path:
@@ -64,6 +65,112 @@ def pick_device(device: str) -> str:
     return device
 
 
+def check_sampling(
+    num_samples: int = 1,
+    max_new_tokens: int = 500,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 200,
+    top_p: Optional[float] = None,
+    stop: Optional[str] = None,
+    flag: str = "",
+) -> None:
+    """Rejects sampling values that make no sense, naming each as `flag + name` (e.g. "--top_p")."""
+    if num_samples < 1:
+        raise NanoGPTError(f"{flag}num_samples must be at least 1, got {num_samples}")
+    if max_new_tokens < 0:
+        raise NanoGPTError(f"{flag}max_new_tokens must be 0 or more, got {max_new_tokens}")
+    if not temperature >= 0:  # also catches nan
+        raise NanoGPTError(f"{flag}temperature must be 0 or more (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise NanoGPTError(f"{flag}top_k must be at least 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise NanoGPTError(f"{flag}top_p must be in (0, 1] (1 keeps every character), got {top_p}")
+    if stop is not None and not stop:
+        raise NanoGPTError(f"{flag}stop is empty; give at least one character or leave it out")
+
+
+def _held_back(text: str, stop: str) -> int:
+    """Length of text's longest proper-suffix that begins stop: characters not yet safe to show."""
+    for n in range(min(len(stop) - 1, len(text)), 0, -1):
+        if stop.startswith(text[-n:]):
+            return n
+    return 0
+
+
+def stream(
+    model: GPT,
+    tokenizer: CharTokenizer,
+    prompt: str = "\n",
+    num_samples: int = 1,
+    max_new_tokens: int = 500,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 200,
+    seed: Optional[int] = None,
+    top_p: Optional[float] = None,
+    stop: Optional[str] = None,
+    use_cache: bool = True,
+) -> Iterator[list[str]]:
+    """Generates num_samples continuations of prompt as one batch, yielding each sample's new text as it comes.
+
+    Every yield is a list of num_samples strings, possibly empty. A sample ends before the first occurrence
+    of stop in its generated text (stop itself is not returned); characters that might begin stop are held
+    back until they are known not to. Generation ends when every sample has stopped or after
+    max_new_tokens characters.
+    """
+    check_sampling(num_samples, max_new_tokens, temperature, top_k, top_p, stop)
+    if not prompt:
+        raise NanoGPTError("the prompt is empty; give at least one character (the default is a newline)")
+    if stop is not None and tokenizer.unknown_chars(stop):
+        raise NanoGPTError(
+            f"the stop string {stop!r} has characters not in the model's vocabulary "
+            f"({describe_chars(tokenizer.unknown_chars(stop))}), so it could never be generated"
+        )
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(tokenizer.encode(prompt), device=device)
+    idx = ids.unsqueeze(0).repeat(num_samples, 1)  # (num_samples, len(prompt))
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else torch.seed())
+    tokens = model.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache)
+    # a plain function around the generator: bad values fail at the call, not at the first character
+    return _pieces(tokens, tokenizer, num_samples, stop)
+
+
+def _pieces(
+    tokens: Iterator[torch.Tensor], tokenizer: CharTokenizer, num_samples: int, stop: Optional[str]
+) -> Iterator[list[str]]:
+    """Turns the model's (num_samples, 1) token steps into each sample's new text, cut at stop (see stream)."""
+    texts = [""] * num_samples  # each sample's generated text so far
+    shown = [0] * num_samples  # how much of it was yielded
+    done = [False] * num_samples
+    try:
+        for step in tokens:  # step: (num_samples, 1)
+            chars = tokenizer.decode(step[:, 0].tolist())  # one character per sample
+            out = []
+            for i, c in enumerate(chars):
+                if done[i]:
+                    out.append("")
+                    continue
+                texts[i] += c
+                end = len(texts[i])
+                if stop is not None:
+                    # only the tail can hold a new occurrence of stop
+                    hit = texts[i].find(stop, max(0, end - len(stop)))
+                    if hit >= 0:
+                        texts[i], end, done[i] = texts[i][:hit], hit, True
+                    else:
+                        end -= _held_back(texts[i], stop)
+                out.append(texts[i][shown[i] : end])
+                shown[i] = end
+            yield out
+            if all(done):
+                break
+    finally:
+        tokens.close()  # frees the KV cache even when the caller stops early
+    if not all(done):
+        # the length ran out: what was held back for a possible stop is final now
+        yield [t[n:] for t, n in zip(texts, shown)]
+
+
 def sample(
     model: GPT,
     tokenizer: CharTokenizer,
@@ -73,17 +180,30 @@ def sample(
     temperature: float = 0.8,
     top_k: Optional[int] = 200,
     seed: Optional[int] = None,
+    top_p: Optional[float] = None,
+    stop: Optional[str] = None,
+    use_cache: bool = True,
 ) -> list[str]:
-    """Generates num_samples continuations of prompt, as one batch; each returned text includes the prompt."""
-    if not prompt:
-        raise NanoGPTError("the prompt is empty; give at least one character (the default is a newline)")
-    device = next(model.parameters()).device
-    ids = torch.as_tensor(tokenizer.encode(prompt), device=device)
-    idx = ids.unsqueeze(0).repeat(num_samples, 1)  # (num_samples, len(prompt))
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else torch.seed())
-    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
-    return [tokenizer.decode(row.tolist()) for row in out]
+    """Generates num_samples continuations of prompt, as one batch; each returned text includes the prompt.
+
+    temperature 0 is greedy; top_k and top_p (nucleus) restrict sampling; stop ends a sample before that
+    string; the same seed gives the same texts, with or without the KV cache.
+    """
+    texts = [prompt] * num_samples
+    for pieces in stream(model, tokenizer, prompt, num_samples, max_new_tokens, temperature, top_k, seed, top_p,
+                         stop, use_cache):
+        texts = [t + p for t, p in zip(texts, pieces)]
+    return texts
+
+
+def unescape(text: str, flag: str) -> str:
+    """Turns backslash escapes typed on a command line (\\n, \\t, \\\\, \\u00e9) into the characters."""
+    try:
+        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError:
+        raise NanoGPTError(
+            f"{flag} {text!r} has a broken backslash escape; write a newline as \\n, a backslash as \\\\"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,20 +216,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", type=int, default=500)
     p.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely character")
     p.add_argument("--top_k", type=int, default=200, help="sample only among the k most likely characters")
+    p.add_argument("--top_p", type=float, default=None,
+                   help="nucleus sampling: only the most likely characters that together reach probability P")
+    p.add_argument("--stop", default=None,
+                   help="end a sample before this string (backslash escapes work: --stop '\\n\\n')")
     p.add_argument("--seed", type=int, default=None, help="fix the random seed for reproducible samples")
+    p.add_argument("--stream", action="store_true", help="print characters as they are generated (one sample)")
+    p.add_argument("--no_cache", action="store_true",
+                   help="recompute the whole context every step instead of using the KV cache (same text, slower)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if args.num_samples < 1:
-        raise NanoGPTError(f"--num_samples must be at least 1, got {args.num_samples}")
-    if args.max_new_tokens < 0:
-        raise NanoGPTError(f"--max_new_tokens must be 0 or more, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise NanoGPTError(f"--temperature must be 0 or more, got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        raise NanoGPTError(f"--top_k must be at least 1, got {args.top_k}")
+    if args.stop is not None:
+        args.stop = unescape(args.stop, "--stop")
+    check_sampling(args.num_samples, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.stop,
+                   flag="--")
+    if args.stream and args.num_samples > 1:
+        raise NanoGPTError("--stream prints one sample as it is generated; drop --stream or use --num_samples 1")
 
 
 def read_prompt(args: argparse.Namespace) -> str:
@@ -130,9 +255,17 @@ def main(argv: Optional[list[str]] = None) -> None:
         check_args(args)
         prompt = read_prompt(args)
         model, tokenizer = load_checkpoint(args.ckpt, pick_device(args.device))
-        texts = sample(
-            model, tokenizer, prompt, args.num_samples, args.max_new_tokens, args.temperature, args.top_k, args.seed
-        )
+        settings = dict(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_k=args.top_k, seed=args.seed, top_p=args.top_p,
+                        stop=args.stop, use_cache=not args.no_cache)
+        if args.stream:
+            pieces = stream(model, tokenizer, prompt, **settings)
+            print(prompt, end="", flush=True)
+            for piece in pieces:
+                print(piece[0], end="", flush=True)
+            print()
+            return
+        texts = sample(model, tokenizer, prompt, **settings)
     except NanoGPTError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -87,3 +87,22 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory, shakespeare_text) -> Path:
+    """A checkpoint in train.py's format (state_dict, hyper_parameters, tokenizer) of an untrained tiny GPT
+    on Shakespeare's characters: for tests of loading, sampling and export that need no training."""
+    import torch
+
+    from nanogpt.model import GPT, GPTConfig
+    from nanogpt.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer.from_text(shakespeare_text)
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=64, dropout=0.0)
+    torch.manual_seed(0)
+    model = GPT(config)
+    path = tmp_path_factory.mktemp("random_ckpt") / "random.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "hyper_parameters": config.to_dict(), "tokenizer": tokenizer.to_dict()}, path)
+    return path
