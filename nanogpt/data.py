@@ -13,7 +13,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import lightning as L
 import numpy as np
@@ -137,17 +137,43 @@ def encode_cached(text: str, cache_dir: Optional[str] = None) -> tuple[np.ndarra
 
 
 def sample_batch(
-    tokens: np.ndarray, block_size: int, batch_size: int, seed: int, rank: int, step: int
+    tokens: Union[np.ndarray, torch.Tensor], block_size: int, batch_size: int, seed: int, rank: int, step: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The training batch for (seed, rank, step): batch_size random blocks, inputs and next-token targets.
 
-    Returns x, y of shape (batch_size, block_size), int64; y is x shifted left by one.
+    tokens is a numpy array (gathered on the host) or a torch tensor on any device (gathered there, so a
+    corpus held on the GPU never crosses the bus); both give the same batch.
+    Returns x, y of shape (batch_size, block_size), int64, on the tokens' device; y is x shifted left by one.
     """
     rng = np.random.default_rng([seed, rank, step])
     starts = rng.integers(0, len(tokens) - block_size, size=batch_size)  # (B,), block+1 tokens fit after each
-    blocks = tokens[starts[:, None] + np.arange(block_size + 1)]  # (B, block_size + 1)
-    blocks = torch.from_numpy(blocks.astype(np.int64))
+    if isinstance(tokens, torch.Tensor):
+        # only the B start offsets travel to the device; no host sync (a pageable copy is staged, not awaited)
+        starts_t = torch.from_numpy(starts).to(tokens.device, non_blocking=True)
+        offsets = torch.arange(block_size + 1, device=tokens.device)
+        blocks = tokens[starts_t[:, None] + offsets].long()  # (B, block_size + 1)
+    else:
+        blocks = tokens[starts[:, None] + np.arange(block_size + 1)]  # (B, block_size + 1)
+        blocks = torch.from_numpy(blocks.astype(np.int64))
     return blocks[:, :-1].contiguous(), blocks[:, 1:].contiguous()
+
+
+def tokens_to_device(tokens: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A copy of tokens on device, in the narrowest dtype every backend indexes (uint8, else int32)."""
+    host = np.array(tokens, dtype=np.uint8 if tokens.dtype == np.uint8 else np.int32)  # a copy: memmaps are read-only
+    return torch.from_numpy(host).to(device)
+
+
+def tokens_fit_on_device(n_bytes: int, device: torch.device, max_share: float = 0.1) -> bool:
+    """Whether a corpus of n_bytes may live on device: a CUDA device with n_bytes within max_share of its free memory.
+
+    The CPU never needs a copy (its batches are gathered straight from the array); a corpus too large for the
+    GPU is gathered on the host and sent over in pinned, non-blocking copies instead.
+    """
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return n_bytes <= max_share * free
 
 
 class RandomBlocks(IterableDataset):
@@ -199,6 +225,8 @@ class CharDataModule(L.LightningDataModule):
         val_blocks: number of fixed validation blocks, spread evenly over the validation split.
         seed: seed of the training batch sequence (batches are a function of seed, rank and step).
         cache_dir: where downloads and encoded corpora are cached (default $NANOGPT_CACHE or ~/.cache/nanogpt).
+        tokens_on_device: keep the training split on the training device and gather batches there; None (auto):
+            on a GPU when it takes at most a tenth of the free memory, else gather on the host and copy pinned.
     """
 
     def __init__(
@@ -210,6 +238,7 @@ class CharDataModule(L.LightningDataModule):
         val_blocks: int = 256,
         seed: int = 1337,
         cache_dir: Optional[str] = None,
+        tokens_on_device: Optional[bool] = None,
     ) -> None:
         super().__init__()
         self.source = source
@@ -219,6 +248,8 @@ class CharDataModule(L.LightningDataModule):
         self.val_blocks = val_blocks
         self.seed = seed
         self.cache_dir = cache_dir
+        self.tokens_on_device = tokens_on_device
+        self._device_tokens: Optional[torch.Tensor] = None  # the training split on the training device
         self._tokens: Optional[np.ndarray] = None
         self._tokenizer: Optional[CharTokenizer] = None
 
@@ -289,8 +320,24 @@ class CharDataModule(L.LightningDataModule):
         rank, _ = self._rank_and_world()
         # continue the batch sequence where a resumed run left off (loops are restored before this is called)
         start = self.trainer.global_step * self.trainer.accumulate_grad_batches if self.trainer is not None else 0
-        ds = RandomBlocks(self.train_tokens, self.block_size, self.batch_size, self.seed, rank, start)
-        return DataLoader(ds, batch_size=None)
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        tokens = self._train_tokens_for(device)
+        ds = RandomBlocks(tokens, self.block_size, self.batch_size, self.seed, rank, start)
+        # host-gathered batches reach a GPU from pinned memory; Lightning copies them with non_blocking=True
+        pin = device.type == "cuda" and not isinstance(tokens, torch.Tensor)
+        return DataLoader(ds, batch_size=None, pin_memory=pin)
+
+    def _train_tokens_for(self, device: torch.device) -> Union[np.ndarray, torch.Tensor]:
+        """The training split where batches are gathered: a tensor on device, or the host array."""
+        host = self.train_tokens
+        on_device = self.tokens_on_device
+        if on_device is None:
+            on_device = tokens_fit_on_device(host.nbytes, device)
+        if not on_device:
+            return host
+        if self._device_tokens is None or self._device_tokens.device != device:
+            self._device_tokens = tokens_to_device(host, device)  # once per fit, not per batch
+        return self._device_tokens
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._rank_and_world()
