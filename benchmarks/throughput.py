@@ -20,6 +20,7 @@ import logging
 import statistics
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -49,6 +50,8 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, li
     p.add_argument("--warmup", type=int, default=10, help="untimed steps before them (compilation, caches)")
     p.add_argument("--repeats", type=int, default=3, help="runs of each side, alternating")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for both sides (torch.set_num_threads); 1 steadies figures on a busy machine")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's dense bf16 peak (H100 SXM 989): adds MFU to the results")
     args, config_args = p.parse_known_args(argv)
@@ -127,6 +130,9 @@ def flops_per_token(cli: GPTLightningCLI) -> float:
 def main(argv: Optional[list[str]] = None) -> None:
     args, config_args = parse_args(argv)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # the table is the output
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # we pass args on purpose
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         runs: list[Run] = []
         for i in range(args.repeats):
@@ -152,6 +158,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         "steps": args.steps,
         "warmup": args.warmup,
         "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
         "ours_runs": [round(x, 1) for x in ours],
         "plain_runs": [round(x, 1) for x in plain],
         # same weights, batches and optimizer: the two final losses agree (to float rounding on a GPU)
