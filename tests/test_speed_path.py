@@ -72,3 +72,43 @@ def test_training_logs_only_on_logging_steps_with_host_values(tmp_path, shakespe
     assert [s for s, _ in scalars["train/loss"]] == [9, 19]
     assert [s for s, _ in scalars["train/lr"]] == [9, 19]
     assert 2.0 < scalars["train/loss"][-1][1] < 4.5
+
+
+class _CountGraphs(L.Callback):
+    """Notes how many graphs torch.compile has built at the end of each validation."""
+
+    def __init__(self):
+        self.after_validation = []
+
+    def on_validation_end(self, trainer, pl_module):
+        from torch._dynamo.utils import counters
+
+        self.after_validation.append(counters["stats"]["unique_graphs"])
+
+
+def test_compiled_model_never_recompiles_after_the_first_validation(tmp_path, shakespeare_text, monkeypatch):
+    # the compile path of a GPU run, on the CPU: dynamo's graph capture and guards are what decide recompiles,
+    # so the "eager" backend (no code generation, seconds instead of minutes) is enough to count them
+    import torch._dynamo
+
+    compile_ = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, backend="eager", **kw))
+    torch._dynamo.reset()
+    f = tmp_path / "corpus.txt"
+    f.write_text(shakespeare_text[:20000], encoding="utf-8")
+    # 10 validation blocks in batches of 4: the last batch is smaller (4, 4, 2)
+    dm = CharDataModule(source=str(f), block_size=16, batch_size=4, val_blocks=10, cache_dir=str(tmp_path / "c"))
+    model = GPTModule(vocab_size=dm.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.1,
+                      compile=True)
+    graphs = _CountGraphs()
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=15, val_check_interval=5, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False, logger=False,
+        default_root_dir=tmp_path, callbacks=[graphs],
+    )
+    trainer.fit(model, datamodule=dm)
+    assert len(graphs.after_validation) == 3
+    first = graphs.after_validation[0]
+    assert first >= 3  # training, evaluation, and evaluation of the smaller last batch
+    assert graphs.after_validation == [first] * 3  # and nothing was compiled again
+    torch._dynamo.reset()
