@@ -46,6 +46,7 @@ class PlainSettings:
 class PlainResult:
     steps: int  # timed steps
     seconds: float  # wall time of the timed steps
+    cpu_seconds: float  # this process's CPU time over them
     tokens_per_s: float
     final_loss: float
 
@@ -83,11 +84,11 @@ def train_plain(
         partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16) if s.bf16 else contextlib.nullcontext
     )
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for step in range(warmup + steps):
         if step == warmup:
             _sync(device)
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
         x, y = sample_batch(tokens, s.config.block_size, s.batch_size, s.data_seed, 0, step)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # no-ops when gathered there
         with autocast():
@@ -99,5 +100,6 @@ def train_plain(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     _sync(device)
-    seconds = time.perf_counter() - t0
-    return PlainResult(steps, seconds, steps * s.batch_size * s.config.block_size / seconds, loss.item())
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
+    tokens_per_s = steps * s.batch_size * s.config.block_size / seconds
+    return PlainResult(steps, seconds, cpu_seconds, tokens_per_s, loss.item())

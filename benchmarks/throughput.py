@@ -39,6 +39,7 @@ class Run:
     side: str  # "ours" or "plain"
     steps: int
     seconds: float
+    cpu_seconds: float  # process CPU time: with --threads 1 it hardly moves when other jobs share the machine
     tokens_per_s: float
     final_loss: float
 
@@ -86,8 +87,8 @@ def run_ours(args: argparse.Namespace, config_args: list[str]) -> Run:
         cli.trainer.callbacks.append(timer)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         seconds = timer.train_seconds
-        return Run("ours", timer.timed_steps, seconds, timer.timed_steps * tokens_per_step(cli) / seconds,
-                   timer.final_loss)
+        return Run("ours", timer.timed_steps, seconds, timer.train_cpu_seconds,
+                   timer.timed_steps * tokens_per_step(cli) / seconds, timer.final_loss)
 
 
 def run_plain(args: argparse.Namespace, config_args: list[str]) -> Run:
@@ -118,13 +119,17 @@ def run_plain(args: argparse.Namespace, config_args: list[str]) -> Run:
     # like ours: a corpus that fits lives on the GPU and batches are gathered there
     tokens = tokens_to_device(dm.train_tokens, device) if device.type == "cuda" else dm.train_tokens
     r = train_plain(settings, tokens, device, steps=args.steps, warmup=args.warmup)
-    return Run("plain", r.steps, r.seconds, r.tokens_per_s, r.final_loss)
+    return Run("plain", r.steps, r.seconds, r.cpu_seconds, r.tokens_per_s, r.final_loss)
 
 
 def flops_per_token(cli: GPTLightningCLI) -> float:
     """Training FLOPs per token (PaLM appendix B, as in nanoGPT): 6 per weight plus attention's 12 * L * T * C."""
     c = cli.model.config
     return 6 * cli.model.model.num_params(non_embedding=True) + 12 * c.n_layer * c.block_size * c.n_embd
+
+
+def cpu_ms_per_step(runs: list[Run], side: str) -> float:
+    return round(1e3 * statistics.median(r.cpu_seconds / r.steps for r in runs if r.side == side), 3)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -140,7 +145,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                 runs.append(side(args, config_args))
                 r = runs[-1]
                 print(f"run {i + 1}/{args.repeats} {r.side:>5}: {r.steps} steps in {r.seconds:.3f} s, "
-                      f"{r.tokens_per_s:,.0f} tokens/s, final loss {r.final_loss:.4f}", flush=True)
+                      f"{r.tokens_per_s:,.0f} tokens/s, CPU {r.cpu_seconds:.3f} s, final loss {r.final_loss:.4f}", flush=True)
     except NanoGPTError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -159,12 +164,17 @@ def main(argv: Optional[list[str]] = None) -> None:
         "warmup": args.warmup,
         "repeats": args.repeats,
         "threads": torch.get_num_threads(),
+        # median CPU time per timed step: on a shared CPU with --threads 1, plain/ours of these is the steadier
+        # estimate of the ratio (wall time also counts what other jobs take from us)
+        "ours_cpu_ms_per_step": cpu_ms_per_step(runs, "ours"),
+        "plain_cpu_ms_per_step": cpu_ms_per_step(runs, "plain"),
         "ours_runs": [round(x, 1) for x in ours],
         "plain_runs": [round(x, 1) for x in plain],
         # same weights, batches and optimizer: the two final losses agree (to float rounding on a GPU)
         "ours_final_loss": [r.final_loss for r in runs if r.side == "ours"][-1],
         "plain_final_loss": [r.final_loss for r in runs if r.side == "plain"][-1],
     }
+    result["cpu_time_ratio"] = round(result["plain_cpu_ms_per_step"] / result["ours_cpu_ms_per_step"], 4)
     if args.peak_tflops:
         with tempfile.TemporaryDirectory(prefix="nanogpt-bench-") as run_dir:
             fpt = flops_per_token(build_cli(args, config_args, run_dir))

@@ -29,6 +29,7 @@ class RunTimer(L.Callback):
         self.run_start: Optional[float] = None  # on_train_start
         self.t0: Optional[float] = None  # end of step `warmup`
         self.train_seconds = 0.0  # timed training, validation pauses excluded
+        self.train_cpu_seconds = 0.0  # the same span in this process's CPU time (steadier on a busy machine)
         self.timed_steps = 0
         self.total_seconds = 0.0  # on_train_start to on_train_end
         self.val_pauses: list[float] = []  # one per validation: loop + checkpoint saves
@@ -37,12 +38,15 @@ class RunTimer(L.Callback):
         self._last_end: Optional[float] = None
         self._pause_start: Optional[float] = None
         self._val_in_window = 0.0
+        self._cpu0 = time.process_time()
+        self._cpu_pause_start = 0.0
+        self._cpu_val_in_window = 0.0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         _sync(pl_module)
         self.run_start = time.perf_counter()
         if self.warmup == 0:
-            self.t0 = self.run_start
+            self.t0, self._cpu0 = self.run_start, time.process_time()
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._end_pause(pl_module)
@@ -54,7 +58,9 @@ class RunTimer(L.Callback):
         if self.t0 is None and step >= self.warmup:
             _sync(pl_module)
             self.t0 = time.perf_counter()
+            self._cpu0 = time.process_time()
             self._val_in_window = 0.0
+            self._cpu_val_in_window = 0.0
         if step >= trainer.max_steps > 0:
             _sync(pl_module)
             self._finish(time.perf_counter(), step, outputs)
@@ -64,6 +70,7 @@ class RunTimer(L.Callback):
             return
         _sync(pl_module)  # pending training kernels belong to training, not validation
         self._pause_start = time.perf_counter()
+        self._cpu_pause_start = time.process_time()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or self.target_loss is None or self.reached is not None:
@@ -90,15 +97,18 @@ class RunTimer(L.Callback):
             return
         _sync(pl_module)
         pause = time.perf_counter() - self._pause_start
+        cpu_pause = time.process_time() - self._cpu_pause_start
         self._pause_start = None
         self.val_pauses.append(pause)
         if self.t0 is not None and self.final_loss is None:
             self._val_in_window += pause
+            self._cpu_val_in_window += cpu_pause
 
     def _finish(self, now: float, step: int, outputs: Any) -> None:
         if self.final_loss is not None or self.t0 is None:
             return
         self.timed_steps = step - self.warmup
         self.train_seconds = now - self.t0 - self._val_in_window
+        self.train_cpu_seconds = time.process_time() - self._cpu0 - self._cpu_val_in_window
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.final_loss = float(loss) if loss is not None else float("nan")
