@@ -25,6 +25,14 @@ class RunCheckpoint(ModelCheckpoint):
         }
         super().__init__(dirpath=dirpath, **kwargs)
 
+    @property
+    def state_key(self) -> str:
+        # Lightning formats this key for every callback hook it calls, several times a step; what it encodes
+        # (monitor, mode, save triggers) is fixed at init, so build it once
+        if "_state_key" not in self.__dict__:
+            self._state_key = super().state_key
+        return self._state_key
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

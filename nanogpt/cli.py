@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import torch
 from jsonargparse import ArgumentError
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy
@@ -122,6 +123,13 @@ class GPTLightningCLI(LightningCLI):
         if trainer_config.get("enable_checkpointing") is not False:
             callbacks = list(trainer_config.get("callbacks") or [])
             kwargs["callbacks"] = callbacks + [RunCheckpoint(dirpath=str(Path(run_dir) / "checkpoints"))]
+        if trainer_config.get("enable_progress_bar") is not False:
+            callbacks = kwargs.get("callbacks", list(trainer_config.get("callbacks") or []))
+            if not any(isinstance(c, ProgressBar) for c in callbacks):
+                # redraw every log_every_n_steps batches (when the loss changes), not every batch: a redraw costs
+                # 1-3 ms, several percent of a CPU step
+                every = max(1, trainer_config.get("log_every_n_steps") or TRAINER_DEFAULTS["log_every_n_steps"])
+                kwargs["callbacks"] = callbacks + [TQDMProgressBar(refresh_rate=every)]
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError) as e:  # e.g. more devices than the machine has, a bad name

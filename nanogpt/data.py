@@ -6,7 +6,7 @@ blocks and a resumed run continues the very same sequence. Validation uses a fix
 
 from __future__ import annotations
 
-from typing import Iterator, Literal, Optional
+from typing import Iterator, Literal, Optional, Union
 
 import lightning as L
 import numpy as np
@@ -31,26 +31,40 @@ from nanogpt.tokenizer import CharTokenizer
 
 
 def sample_batch(
-    tokens: np.ndarray, block_size: int, batch_size: int, seed: int, rank: int, step: int
+    tokens: Union[np.ndarray, torch.Tensor], block_size: int, batch_size: int, seed: int, rank: int, step: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The training batch for (seed, rank, step): batch_size random blocks, inputs and next-token targets.
 
-    Returns x, y of shape (batch_size, block_size), int64; y is x shifted left by one.
+    tokens is a numpy array (gathered on the host) or a torch tensor on any device (gathered there, so a
+    corpus held on the GPU never crosses the bus); both give the same batch.
+    Returns x, y of shape (batch_size, block_size), int64, on the tokens' device; y is x shifted left by one.
     """
     rng = np.random.default_rng([seed, rank, step])
     starts = rng.integers(0, len(tokens) - block_size, size=batch_size)  # (B,), block+1 tokens fit after each
     return blocks_at(tokens, starts, block_size)
 
 
-def blocks_at(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The blocks at the given starts (B,): inputs and next-token targets, each (B, block_size), int64."""
-    blocks = tokens[starts[:, None] + np.arange(block_size + 1)]  # (B, block_size + 1)
-    blocks = torch.from_numpy(blocks.astype(np.int64))
+def blocks_at(
+    tokens: Union[np.ndarray, torch.Tensor], starts: np.ndarray, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blocks at the given starts (B,): inputs and next-token targets, each (B, block_size), int64.
+
+    tokens is a numpy array (gathered on the host) or a torch tensor on any device (gathered there, so a
+    corpus held on the GPU never crosses the bus); both give the same blocks, on the tokens' device.
+    """
+    if isinstance(tokens, torch.Tensor):
+        # only the B start offsets travel to the device; no host sync (a pageable copy is staged, not awaited)
+        starts_t = torch.from_numpy(starts).to(tokens.device, non_blocking=True)
+        offsets = torch.arange(block_size + 1, device=tokens.device)
+        blocks = tokens[starts_t[:, None] + offsets].long()  # (B, block_size + 1)
+    else:
+        blocks = tokens[starts[:, None] + np.arange(block_size + 1)]  # (B, block_size + 1)
+        blocks = torch.from_numpy(blocks.astype(np.int64))
     return blocks[:, :-1].contiguous(), blocks[:, 1:].contiguous()
 
 
 def sample_rank_batch(
-    tokens: np.ndarray,
+    tokens: Union[np.ndarray, torch.Tensor],
     block_size: int,
     micro_batch: int,
     seed: int,
@@ -73,6 +87,24 @@ def sample_rank_batch(
     starts = rng.integers(0, len(tokens) - block_size, size=micro_batch * world_size * accumulation)  # (global,)
     first = (i * world_size + rank) * micro_batch
     return blocks_at(tokens, starts[first : first + micro_batch], block_size)
+
+
+def tokens_to_device(tokens: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A copy of tokens on device, in the narrowest dtype every backend indexes (uint8, else int32)."""
+    host = np.array(tokens, dtype=np.uint8 if tokens.dtype == np.uint8 else np.int32)  # a copy: memmaps are read-only
+    return torch.from_numpy(host).to(device)
+
+
+def tokens_fit_on_device(n_bytes: int, device: torch.device, max_share: float = 0.1) -> bool:
+    """Whether a corpus of n_bytes may live on device: a CUDA device with n_bytes within max_share of its free memory.
+
+    The CPU never needs a copy (its batches are gathered straight from the array); a corpus too large for the
+    GPU is gathered on the host and sent over in pinned, non-blocking copies instead.
+    """
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return n_bytes <= max_share * free
 
 
 class RandomBlocks(IterableDataset):
@@ -149,6 +181,8 @@ class CharDataModule(L.LightningDataModule):
         micro_batch_size: sequences per forward/backward on one device (also the validation batch); the
             gradient accumulation is batch_size / (micro_batch_size x devices). Default: batch_size / devices,
             no accumulation. Lower it when a device runs out of memory; the training stays the same.
+        tokens_on_device: keep the training split on the training device and gather batches there; None (auto):
+            on a GPU when it takes at most a tenth of the free memory, else gather on the host and copy pinned.
     """
 
     def __init__(
@@ -171,6 +205,7 @@ class CharDataModule(L.LightningDataModule):
         oov: Literal["error", "drop", "replace"] = "error",
         oov_replacement: Optional[str] = None,
         micro_batch_size: Optional[int] = None,
+        tokens_on_device: Optional[bool] = None,
     ) -> None:
         super().__init__()
         self.source = source
@@ -187,6 +222,8 @@ class CharDataModule(L.LightningDataModule):
         )  # checked and used in prepare_data/setup: __init__ does no work
         self.micro_batch_size = micro_batch_size
         self.batch_plan: Optional[BatchPlan] = None  # set by setup() once a Trainer gives the world size
+        self.tokens_on_device = tokens_on_device
+        self._device_tokens: Optional[torch.Tensor] = None  # the training split on the training device
         self._tokens: Optional[np.ndarray] = None
         self._val: Optional[np.ndarray] = None  # the val_source tokens, when there is one
         self._prepared = None
@@ -281,10 +318,24 @@ class CharDataModule(L.LightningDataModule):
         accumulation = self.batch_plan.accumulation if self.batch_plan is not None else 1
         # continue the batch sequence where a resumed run left off (loops are restored before this is called)
         start = self.trainer.global_step * self.trainer.accumulate_grad_batches if self.trainer is not None else 0
-        ds = RandomBlocks(
-            self.train_tokens, self.block_size, self.micro_batch, self.seed, rank, start, world, accumulation
-        )
-        return DataLoader(ds, batch_size=None)
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        tokens = self._train_tokens_for(device)
+        ds = RandomBlocks(tokens, self.block_size, self.micro_batch, self.seed, rank, start, world, accumulation)
+        # host-gathered batches reach a GPU from pinned memory; Lightning copies them with non_blocking=True
+        pin = device.type == "cuda" and not isinstance(tokens, torch.Tensor)
+        return DataLoader(ds, batch_size=None, pin_memory=pin)
+
+    def _train_tokens_for(self, device: torch.device) -> Union[np.ndarray, torch.Tensor]:
+        """The training split where batches are gathered: a tensor on device, or the host array."""
+        host = self.train_tokens
+        on_device = self.tokens_on_device
+        if on_device is None:
+            on_device = tokens_fit_on_device(host.nbytes, device)
+        if not on_device:
+            return host
+        if self._device_tokens is None or self._device_tokens.device != device:
+            self._device_tokens = tokens_to_device(host, device)  # once per fit, not per batch
+        return self._device_tokens
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._rank_and_world()

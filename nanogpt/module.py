@@ -92,8 +92,12 @@ class GPTModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch  # (B, T), (B, T)
         _, loss = self.model(x, y)
-        self.log("train/loss", self._global_batch_loss(loss), prog_bar=True)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"])  # a Python float: no device sync
+        mean = self._global_batch_loss(loss)  # device tensor; a collective only on logging steps under DDP
+        if self._is_logging_step():
+            # CPU values: Lightning reads progress-bar values with .item() after every batch, which on a GPU
+            # would wait for the whole step; this copy waits only on logging steps (every log_every_n_steps)
+            self.log("train/loss", mean.detach().float().cpu(), prog_bar=True)
+            self.log("train/lr", torch.tensor(self.optimizers().param_groups[0]["lr"]))
         return loss
 
     def _global_batch_loss(self, loss: torch.Tensor) -> torch.Tensor:
@@ -147,7 +151,10 @@ class GPTModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.hparams.compile:
-            self.model.compile()  # in place: parameter names (and checkpoints) stay those of the plain model
+            # in place: parameter names (and checkpoints) stay those of the plain model. dynamic=False: train
+            # and validation batches have fixed shapes, so each shape compiles once and is never recompiled
+            # into a slower shape-generic kernel (the last, smaller validation batch gets its own graph)
+            self.model.compile(dynamic=False)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -192,3 +199,8 @@ class GPTModule(L.LightningModule):
                 "resume with the data the run was trained on, or start a new run"
             )
         self.tokenizer = stored
+
+    def _is_logging_step(self) -> bool:
+        """Whether Lightning writes this step's logs (its own rule): logging on other steps only costs time."""
+        every = self.trainer.log_every_n_steps
+        return every > 0 and ((self.global_step + 1) % every == 0 or self.trainer.should_stop)

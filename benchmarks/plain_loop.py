@@ -1,0 +1,105 @@
+"""The yardstick: a minimal hand-written PyTorch training loop, nanoGPT style, for the same GPT and batches.
+
+Same network (nanogpt.model.GPT, same seed so the same initial weights), same batches (nanogpt.data.sample_batch
+from the same token placement), same AdamW parameter groups, warmup + cosine schedule and gradient clipping as
+GPTModule, and on a GPU the same bf16 autocast, fused AdamW and torch.compile. Nothing else: no logging, no
+checkpoints, no callbacks. throughput.py compares our Lightning path against it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Union
+
+import numpy as np
+import torch
+
+from nanogpt.data import sample_batch
+from nanogpt.model import GPT, GPTConfig
+from nanogpt.module import warmup_cosine
+
+
+@dataclass
+class PlainSettings:
+    """Everything the loop needs; throughput.py fills it from the resolved training config."""
+
+    config: GPTConfig
+    batch_size: int
+    seed: int = 1337  # seeds the initial weights (seed_everything in train.py)
+    data_seed: int = 1337  # seeds the batch sequence (data.seed)
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    decay_steps: int = 5000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    bf16: bool = False  # autocast to bfloat16 (Lightning's "bf16-mixed")
+    compile: bool = False
+
+
+@dataclass
+class PlainResult:
+    steps: int  # timed steps
+    seconds: float  # wall time of the timed steps
+    cpu_seconds: float  # this process's CPU time over them
+    tokens_per_s: float
+    final_loss: float
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_plain(
+    s: PlainSettings,
+    tokens: Union[np.ndarray, torch.Tensor],
+    device: torch.device,
+    steps: int,
+    warmup: int,
+) -> PlainResult:
+    """Trains for warmup + steps steps and times the last `steps` (warm-up and compilation excluded)."""
+    torch.manual_seed(s.seed)
+    model = GPT(s.config).to(device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(
+        groups, lr=s.learning_rate, betas=(s.beta1, s.beta2), fused=device.type == "cuda"
+    )
+    schedule = partial(
+        warmup_cosine, warmup_steps=s.warmup_steps, decay_steps=s.decay_steps, min_ratio=s.min_lr / s.learning_rate
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    forward = torch.compile(model, dynamic=False) if s.compile else model
+    autocast = (
+        partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16) if s.bf16 else contextlib.nullcontext
+    )
+
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    for step in range(warmup + steps):
+        if step == warmup:
+            _sync(device)
+            t0, cpu0 = time.perf_counter(), time.process_time()
+        x, y = sample_batch(tokens, s.config.block_size, s.batch_size, s.data_seed, 0, step)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # no-ops when gathered there
+        with autocast():
+            _, loss = forward(x, y)
+        loss.backward()
+        if s.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    _sync(device)
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
+    tokens_per_s = steps * s.batch_size * s.config.block_size / seconds
+    return PlainResult(steps, seconds, cpu_seconds, tokens_per_s, loss.item())

@@ -1,0 +1,193 @@
+"""Training throughput: our Lightning path against a minimal hand-written loop, on the same GPT and batches.
+
+    python benchmarks/throughput.py --config configs/shakespeare_char_cpu.yaml --steps 200 --repeats 5
+    python benchmarks/throughput.py --config configs/shakespeare_char.yaml --device cuda --model.compile true
+
+Ours is what train.py runs: GPTLightningCLI builds the LightningModule, DataModule and Trainer with the run's
+TensorBoard logger, checkpoint callback and progress bar, and trainer.fit trains. Plain is benchmarks/plain_loop.py.
+Both train the same network from the same initial weights on the same batches with the same optimizer, schedule,
+clipping and precision: --warmup untimed steps (first-step and compile costs), then --steps timed ones. Runs
+alternate (ours, plain, ours, ...) so drift on a shared machine hits both alike; the medians are compared.
+Any other argument (--model.*, --data.*, --trainer.*) goes to the training config of both sides.
+Prints a table, then one JSON line: {"ours_tokens_per_s", "plain_tokens_per_s", "ratio" (ours / plain), ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from nanogpt.cli import GPTLightningCLI
+from nanogpt.data import tokens_to_device
+from nanogpt.errors import NanoGPTError
+from plain_loop import PlainSettings, train_plain
+from timing import RunTimer
+
+
+@dataclass
+class Run:
+    side: str  # "ours" or "plain"
+    steps: int
+    seconds: float
+    cpu_seconds: float  # process CPU time: with --threads 1 it hardly moves when other jobs share the machine
+    tokens_per_s: float
+    final_loss: float
+
+
+def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", required=True, help="a training config, e.g. configs/shakespeare_char_cpu.yaml")
+    p.add_argument("--steps", type=int, default=100, help="timed optimizer steps per run")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps before them (compilation, caches)")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each side, alternating")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for both sides (torch.set_num_threads); 1 steadies figures on a busy machine")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's dense bf16 peak (H100 SXM 989): adds MFU to the results")
+    args, config_args = p.parse_known_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
+        p.error("--steps and --repeats must be positive and --warmup not negative")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available here; use --device cpu")
+    return args, config_args
+
+
+def build_cli(args: argparse.Namespace, config_args: list[str], run_dir: str) -> GPTLightningCLI:
+    """The training CLI exactly as train.py builds it, into a fresh run dir, for warmup + steps steps."""
+    return GPTLightningCLI([
+        "--config", args.config, *config_args,
+        "--trainer.accelerator", args.device,
+        "--trainer.devices", "1",
+        "--trainer.default_root_dir", run_dir,
+        "--trainer.max_steps", str(args.warmup + args.steps),
+    ])
+
+
+def tokens_per_step(cli: GPTLightningCLI) -> int:
+    return cli.datamodule.batch_size * cli.model.config.block_size * cli.trainer.accumulate_grad_batches
+
+
+def run_ours(args: argparse.Namespace, config_args: list[str]) -> Run:
+    with tempfile.TemporaryDirectory(prefix="nanogpt-bench-") as run_dir:
+        cli = build_cli(args, config_args, run_dir)
+        timer = RunTimer(warmup=args.warmup)
+        cli.trainer.callbacks.append(timer)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        seconds = timer.train_seconds
+        return Run("ours", timer.timed_steps, seconds, timer.train_cpu_seconds,
+                   timer.timed_steps * tokens_per_step(cli) / seconds, timer.final_loss)
+
+
+def run_plain(args: argparse.Namespace, config_args: list[str]) -> Run:
+    with tempfile.TemporaryDirectory(prefix="nanogpt-bench-") as run_dir:
+        cli = build_cli(args, config_args, run_dir)  # only to resolve the config as train.py does
+    hp, trainer, dm = cli.model.hparams, cli.trainer, cli.datamodule
+    if trainer.precision not in ("32-true", "bf16-mixed"):
+        raise NanoGPTError(f"the plain loop runs 32-true or bf16-mixed, not {trainer.precision}; pass --trainer.precision")
+    if trainer.accumulate_grad_batches != 1:
+        raise NanoGPTError("the plain loop does not accumulate gradients; pass --trainer.accumulate_grad_batches 1")
+    settings = PlainSettings(
+        config=cli.model.config,
+        batch_size=dm.batch_size,
+        seed=cli.config["seed_everything"],
+        data_seed=dm.seed,
+        learning_rate=hp.learning_rate,
+        min_lr=hp.min_lr,
+        warmup_steps=hp.warmup_steps,
+        decay_steps=hp.decay_steps or trainer.max_steps,
+        weight_decay=hp.weight_decay,
+        beta1=hp.beta1,
+        beta2=hp.beta2,
+        grad_clip=trainer.gradient_clip_val or 0.0,
+        bf16=trainer.precision == "bf16-mixed",
+        compile=hp.compile,
+    )
+    device = trainer.strategy.root_device
+    # like ours: a corpus that fits lives on the GPU and batches are gathered there
+    tokens = tokens_to_device(dm.train_tokens, device) if device.type == "cuda" else dm.train_tokens
+    r = train_plain(settings, tokens, device, steps=args.steps, warmup=args.warmup)
+    return Run("plain", r.steps, r.seconds, r.cpu_seconds, r.tokens_per_s, r.final_loss)
+
+
+def flops_per_token(cli: GPTLightningCLI) -> float:
+    """Training FLOPs per token (PaLM appendix B, as in nanoGPT): 6 per weight plus attention's 12 * L * T * C."""
+    c = cli.model.config
+    return 6 * cli.model.model.num_params(non_embedding=True) + 12 * c.n_layer * c.block_size * c.n_embd
+
+
+def cpu_ms_per_step(runs: list[Run], side: str) -> float:
+    return round(1e3 * statistics.median(r.cpu_seconds / r.steps for r in runs if r.side == side), 3)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args, config_args = parse_args(argv)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # the table is the output
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # we pass args on purpose
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        runs: list[Run] = []
+        for i in range(args.repeats):
+            for side in (run_ours, run_plain):
+                runs.append(side(args, config_args))
+                r = runs[-1]
+                print(f"run {i + 1}/{args.repeats} {r.side:>5}: {r.steps} steps in {r.seconds:.3f} s, "
+                      f"{r.tokens_per_s:,.0f} tokens/s, CPU {r.cpu_seconds:.3f} s, final loss {r.final_loss:.4f}", flush=True)
+    except NanoGPTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+    ours = [r.tokens_per_s for r in runs if r.side == "ours"]
+    plain = [r.tokens_per_s for r in runs if r.side == "plain"]
+    ours_med, plain_med = statistics.median(ours), statistics.median(plain)
+    result = {
+        "ours_tokens_per_s": round(ours_med, 1),
+        "plain_tokens_per_s": round(plain_med, 1),
+        "ratio": round(ours_med / plain_med, 4),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "config": args.config,
+        "config_args": config_args,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        # median CPU time per timed step: on a shared CPU with --threads 1, plain/ours of these is the steadier
+        # estimate of the ratio (wall time also counts what other jobs take from us)
+        "ours_cpu_ms_per_step": cpu_ms_per_step(runs, "ours"),
+        "plain_cpu_ms_per_step": cpu_ms_per_step(runs, "plain"),
+        "ours_runs": [round(x, 1) for x in ours],
+        "plain_runs": [round(x, 1) for x in plain],
+        # same weights, batches and optimizer: the two final losses agree (to float rounding on a GPU)
+        "ours_final_loss": [r.final_loss for r in runs if r.side == "ours"][-1],
+        "plain_final_loss": [r.final_loss for r in runs if r.side == "plain"][-1],
+    }
+    result["cpu_time_ratio"] = round(result["plain_cpu_ms_per_step"] / result["ours_cpu_ms_per_step"], 4)
+    if args.peak_tflops:
+        with tempfile.TemporaryDirectory(prefix="nanogpt-bench-") as run_dir:
+            fpt = flops_per_token(build_cli(args, config_args, run_dir))
+        result["ours_mfu"] = round(ours_med * fpt / (args.peak_tflops * 1e12), 4)
+        result["plain_mfu"] = round(plain_med * fpt / (args.peak_tflops * 1e12), 4)
+
+    print()
+    print(f"{'':>6} {'median tokens/s':>16} {'runs':>40}")
+    for side, values, med in (("ours", ours, ours_med), ("plain", plain, plain_med)):
+        print(f"{side:>6} {med:>16,.0f} {', '.join(f'{v:,.0f}' for v in values):>40}")
+    print(f"ratio ours/plain: {result['ratio']:.4f}  ({Path(args.config).name}, {result['device']})")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""A real train.py run, timed from the inside: step time, validation pauses, and the time to a target val/loss.
+
+    python benchmarks/timed_run.py --config configs/shakespeare_char.yaml --target-loss 1.47      # a full run
+    python benchmarks/timed_run.py --config configs/shakespeare_char.yaml --steps 6 --val-every 3  # a short probe
+
+A validation pause is the validation loop plus the checkpoint saves after it. The share of wall time spent in
+them is measured on the run itself, and also projected onto the config's own schedule (its max_steps and
+val_check_interval) from the measured step time and pause: a short probe on a slow machine still tells what
+share validation takes in the full run. Any other argument (--model.*, --data.*, --trainer.*) goes to the
+training config. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import warnings
+from typing import Optional
+
+import torch
+
+from nanogpt.cli import GPTLightningCLI
+from nanogpt.errors import NanoGPTError
+from timing import RunTimer
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--steps", type=int, default=None, help="stop after this many steps (default: the config's)")
+    p.add_argument("--val-every", type=int, default=None, help="validate every n steps (default: the config's)")
+    p.add_argument("--warmup", type=int, default=1, help="steps left out of the mean step time")
+    p.add_argument("--target-loss", type=float, default=None, help="note when val/loss first reaches this")
+    p.add_argument("--stop-at-target", action="store_true", help="end the run there")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    args, config_args = p.parse_known_args(argv)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # we pass args on purpose
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="nanogpt-timed-") as run_dir:
+            base = ["--config", args.config, *config_args, "--trainer.accelerator", device, "--trainer.devices", "1",
+                    "--trainer.default_root_dir", run_dir]
+            configured = GPTLightningCLI(base).trainer  # the config's own schedule
+            full_steps, full_every = configured.max_steps, int(configured.val_check_interval)
+            overrides = []
+            if args.steps:
+                overrides += ["--trainer.max_steps", str(args.steps)]
+            if args.val_every:
+                overrides += ["--trainer.val_check_interval", str(args.val_every)]
+            cli = GPTLightningCLI(base + overrides)
+            timer = RunTimer(warmup=args.warmup, target_loss=args.target_loss, stop_at_target=args.stop_at_target)
+            cli.trainer.callbacks.append(timer)
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    except NanoGPTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+    step_s = timer.train_seconds / max(1, timer.timed_steps)
+    pauses = timer.val_pauses
+    # the first pause also pays one-off costs (compiling the eval graph); later ones are the steady state
+    pause_s = statistics.median(pauses[1:] if len(pauses) > 1 else pauses) if pauses else 0.0
+    n_val = full_steps // full_every
+    result = {
+        "config": args.config,
+        "config_args": config_args,
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "steps": cli.trainer.global_step,
+        "step_s": round(step_s, 5),
+        "val_pauses_s": [round(x, 4) for x in pauses],
+        "wall_s": round(timer.total_seconds, 3),
+        "val_share_measured": round(sum(pauses) / timer.total_seconds, 4),
+        # the config's schedule: max_steps steps with a validation every val_check_interval steps
+        "val_share_at_config_schedule": round(n_val * pause_s / (full_steps * step_s + n_val * pause_s), 4),
+        "config_schedule": {"max_steps": full_steps, "val_check_interval": full_every},
+        "target_loss": args.target_loss,
+        "reached_target": timer.reached,
+        "final_val_loss": float(cli.trainer.callback_metrics["val/loss"]) if "val/loss" in cli.trainer.callback_metrics else None,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""A callback that times a real Trainer run from the inside, without adding a device sync to ordinary steps."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import lightning as L
+import torch
+
+
+def _sync(module: L.LightningModule) -> None:
+    if module.device.type == "cuda":
+        torch.cuda.synchronize(module.device)
+
+
+class RunTimer(L.Callback):
+    """Splits a run's wall time into training and validation, and notes when val/loss first reaches a target.
+
+    Training time runs from the end of optimizer step `warmup` (first-step and compile costs excluded) to the
+    end of the last step, leaving out every validation pause: the validation loop and the checkpoint saves
+    after it, up to the next training batch. Syncs the device only at those boundaries, never per step.
+    """
+
+    def __init__(self, warmup: int = 0, target_loss: Optional[float] = None, stop_at_target: bool = False) -> None:
+        self.warmup = warmup
+        self.target_loss = target_loss
+        self.stop_at_target = stop_at_target
+        self.run_start: Optional[float] = None  # on_train_start
+        self.t0: Optional[float] = None  # end of step `warmup`
+        self.train_seconds = 0.0  # timed training, validation pauses excluded
+        self.train_cpu_seconds = 0.0  # the same span in this process's CPU time (steadier on a busy machine)
+        self.timed_steps = 0
+        self.total_seconds = 0.0  # on_train_start to on_train_end
+        self.val_pauses: list[float] = []  # one per validation: loop + checkpoint saves
+        self.final_loss: Optional[float] = None
+        self.reached: Optional[dict[str, float]] = None  # step and times at which val/loss <= target_loss
+        self._last_end: Optional[float] = None
+        self._pause_start: Optional[float] = None
+        self._val_in_window = 0.0
+        self._cpu0 = time.process_time()
+        self._cpu_pause_start = 0.0
+        self._cpu_val_in_window = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _sync(pl_module)
+        self.run_start = time.perf_counter()
+        if self.warmup == 0:
+            self.t0, self._cpu0 = self.run_start, time.process_time()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._end_pause(pl_module)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step  # optimizer steps done, this one included
+        if self.t0 is None and step >= self.warmup:
+            _sync(pl_module)
+            self.t0 = time.perf_counter()
+            self._cpu0 = time.process_time()
+            self._val_in_window = 0.0
+            self._cpu_val_in_window = 0.0
+        if step >= trainer.max_steps > 0:
+            _sync(pl_module)
+            self._finish(time.perf_counter(), step, outputs)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        _sync(pl_module)  # pending training kernels belong to training, not validation
+        self._pause_start = time.perf_counter()
+        self._cpu_pause_start = time.process_time()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.target_loss is None or self.reached is not None:
+            return
+        loss = trainer.callback_metrics.get("val/loss")
+        if loss is not None and float(loss) <= self.target_loss:
+            now = time.perf_counter()
+            self.reached = {
+                "step": trainer.global_step,
+                "wall_s": now - self.run_start,  # everything since training started: compile, validations
+                "train_s": now - self.run_start - sum(self.val_pauses) - (now - self._pause_start),
+            }
+            if self.stop_at_target:
+                trainer.should_stop = True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._end_pause(pl_module)
+        now = time.perf_counter()
+        self._finish(now, trainer.global_step, None)  # a run stopped before max_steps (e.g. at its target)
+        self.total_seconds = now - self.run_start
+
+    def _end_pause(self, pl_module: L.LightningModule) -> None:
+        if self._pause_start is None:
+            return
+        _sync(pl_module)
+        pause = time.perf_counter() - self._pause_start
+        cpu_pause = time.process_time() - self._cpu_pause_start
+        self._pause_start = None
+        self.val_pauses.append(pause)
+        if self.t0 is not None and self.final_loss is None:
+            self._val_in_window += pause
+            self._cpu_val_in_window += cpu_pause
+
+    def _finish(self, now: float, step: int, outputs: Any) -> None:
+        if self.final_loss is not None or self.t0 is None:
+            return
+        self.timed_steps = step - self.warmup
+        self.train_seconds = now - self.t0 - self._val_in_window
+        self.train_cpu_seconds = time.process_time() - self._cpu0 - self._cpu_val_in_window
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.final_loss = float(loss) if loss is not None else float("nan")

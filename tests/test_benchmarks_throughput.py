@@ -1,0 +1,59 @@
+"""The benchmark scripts run for real (both sides of the harness) and report their figures (no timing asserted).
+
+They run in this process (as `main(argv)`), which saves two interpreter and torch start-ups per test.
+"""
+
+import json
+
+import pytest
+
+from tests.conftest import REPO, TINY_CONFIG
+
+pytestmark = pytest.mark.slow  # real training runs, Lightning and plain
+
+
+@pytest.fixture
+def benchmarks(monkeypatch, tmp_path):
+    """The benchmarks/ scripts importable as they import each other when run as scripts; cwd an empty dir."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _last_json_line(capsys) -> tuple[dict, str]:
+    out = capsys.readouterr().out
+    return json.loads(out.strip().splitlines()[-1]), out
+
+
+def test_harness_prints_both_figures_as_its_last_line(benchmarks, capsys):
+    import throughput
+
+    throughput.main(["--config", str(TINY_CONFIG), "--steps", "6", "--warmup", "2", "--repeats", "1",
+                     "--device", "cpu"])
+    last, out = _last_json_line(capsys)
+    assert last["ours_tokens_per_s"] > 0 and last["plain_tokens_per_s"] > 0
+    assert last["ratio"] == pytest.approx(last["ours_tokens_per_s"] / last["plain_tokens_per_s"], rel=1e-3)
+    assert last["device"] == "cpu" and last["config"] == str(TINY_CONFIG)
+    assert len(last["ours_runs"]) == len(last["plain_runs"]) == 1
+    assert last["ours_cpu_ms_per_step"] > 0 and last["plain_cpu_ms_per_step"] > 0
+    # the same weights, batches and optimizer on both sides: the same loss after the same 8 steps
+    assert last["ours_final_loss"] == pytest.approx(last["plain_final_loss"], rel=1e-5)
+    assert 2.0 < last["plain_final_loss"] < 4.5
+    assert "ours/plain" in out  # the table
+    assert not list(benchmarks.iterdir())  # run dirs were temporary
+
+
+def test_timed_run_reports_validation_share_and_time_to_target(benchmarks, capsys):
+    import timed_run
+
+    timed_run.main(["--config", str(TINY_CONFIG), "--steps", "6", "--val-every", "3", "--target-loss", "10",
+                    "--device", "cpu"])
+    last, _ = _last_json_line(capsys)
+    assert last["steps"] == 6 and len(last["val_pauses_s"]) == 2  # validations after steps 3 and 6
+    assert last["step_s"] > 0 and 0 < last["val_share_measured"] < 1
+    # projected onto tiny.yaml's own schedule: 3 validations in 300 steps
+    assert last["config_schedule"] == {"max_steps": 300, "val_check_interval": 100}
+    assert 0 < last["val_share_at_config_schedule"] < last["val_share_measured"]
+    assert last["reached_target"]["step"] == 3  # any loss is below 10: reached at the first validation
+    assert 0 < last["reached_target"]["train_s"] <= last["reached_target"]["wall_s"]
+    assert not list(benchmarks.iterdir())

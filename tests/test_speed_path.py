@@ -1,0 +1,114 @@
+"""The speed path on CPU: device-gathered batches equal host ones, and logging happens only on logging steps."""
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from nanogpt.data import CharDataModule, sample_batch, tokens_fit_on_device, tokens_to_device
+from nanogpt.module import GPTModule
+from tests.conftest import read_scalars
+
+
+@pytest.mark.parametrize("dtype, vocab", [(np.uint8, 65), (np.uint16, 1000)])
+def test_batches_gathered_from_a_device_tensor_equal_host_batches(dtype, vocab):
+    tokens = (np.arange(5000) * 7 % vocab).astype(dtype)
+    on_device = tokens_to_device(tokens, torch.device("cpu"))  # the code path a GPU runs, on the CPU
+    assert on_device.dtype == (torch.uint8 if dtype == np.uint8 else torch.int32)
+    for step in (0, 1, 17):
+        hx, hy = sample_batch(tokens, 32, 8, seed=5, rank=1, step=step)
+        dx, dy = sample_batch(on_device, 32, 8, seed=5, rank=1, step=step)
+        assert dx.dtype == torch.int64 and dx.shape == (8, 32)
+        assert torch.equal(hx, dx) and torch.equal(hy, dy)
+
+
+def test_corpus_stays_on_the_host_for_a_cpu_run():
+    assert not tokens_fit_on_device(10, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("on_device", [None, True])
+def test_datamodule_serves_the_same_batches_from_either_placement(tmp_path, shakespeare_text, on_device):
+    f = tmp_path / "corpus.txt"
+    f.write_text(shakespeare_text[:20000], encoding="utf-8")
+    dm = CharDataModule(source=str(f), block_size=32, batch_size=4, seed=3, cache_dir=str(tmp_path / "c"),
+                        tokens_on_device=on_device)
+    loader = dm.train_dataloader()
+    assert loader.pin_memory is False  # pinning is for host batches bound for a GPU
+    assert isinstance(dm._train_tokens_for(torch.device("cpu")), torch.Tensor) == bool(on_device)
+    batches = [b for _, b in zip(range(3), loader)]
+    for step, (x, y) in enumerate(batches):
+        ex, ey = sample_batch(dm.train_tokens, 32, 4, seed=3, rank=0, step=step)
+        assert torch.equal(x, ex) and torch.equal(y, ey)
+
+
+class _RecordingModule(GPTModule):
+    """GPTModule that notes every self.log call: (step, name, device of the value)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.calls = []
+
+    def log(self, name, value, *args, **kw):
+        if self.trainer.training:
+            self.calls.append((self.global_step, name, value.device.type if isinstance(value, torch.Tensor) else None))
+        return super().log(name, value, *args, **kw)
+
+
+def test_training_logs_only_on_logging_steps_with_host_values(tmp_path, shakespeare_text):
+    f = tmp_path / "corpus.txt"
+    f.write_text(shakespeare_text[:20000], encoding="utf-8")
+    dm = CharDataModule(source=str(f), block_size=16, batch_size=4, val_blocks=4, cache_dir=str(tmp_path / "c"))
+    model = _RecordingModule(vocab_size=dm.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=25, log_every_n_steps=10, limit_val_batches=0, enable_progress_bar=True,
+        enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path,
+        logger=L.pytorch.loggers.TensorBoardLogger(tmp_path, name="", version=""),
+    )
+    trainer.fit(model, datamodule=dm)
+    assert sorted({step for step, _, _ in model.calls}) == [9, 19]
+    assert {name for _, name, _ in model.calls} == {"train/loss", "train/lr"}
+    assert {device for _, _, device in model.calls} == {"cpu"}  # never a device tensor read back every batch
+    scalars = read_scalars(tmp_path)
+    assert [s for s, _ in scalars["train/loss"]] == [9, 19]
+    assert [s for s, _ in scalars["train/lr"]] == [9, 19]
+    assert 2.0 < scalars["train/loss"][-1][1] < 4.5
+
+
+class _CountGraphs(L.Callback):
+    """Notes how many graphs torch.compile has built at the end of each validation."""
+
+    def __init__(self):
+        self.after_validation = []
+
+    def on_validation_end(self, trainer, pl_module):
+        from torch._dynamo.utils import counters
+
+        self.after_validation.append(counters["stats"]["unique_graphs"])
+
+
+def test_compiled_model_never_recompiles_after_the_first_validation(tmp_path, shakespeare_text, monkeypatch):
+    # the compile path of a GPU run, on the CPU: dynamo's graph capture and guards are what decide recompiles,
+    # so the "eager" backend (no code generation, seconds instead of minutes) is enough to count them
+    import torch._dynamo
+
+    compile_ = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, backend="eager", **kw))
+    torch._dynamo.reset()
+    f = tmp_path / "corpus.txt"
+    f.write_text(shakespeare_text[:20000], encoding="utf-8")
+    # 10 validation blocks in batches of 4: the last batch is smaller (4, 4, 2)
+    dm = CharDataModule(source=str(f), block_size=16, batch_size=4, val_blocks=10, cache_dir=str(tmp_path / "c"))
+    model = GPTModule(vocab_size=dm.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.1,
+                      compile=True)
+    graphs = _CountGraphs()
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=15, val_check_interval=5, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False, logger=False,
+        default_root_dir=tmp_path, callbacks=[graphs],
+    )
+    trainer.fit(model, datamodule=dm)
+    assert len(graphs.after_validation) == 3
+    first = graphs.after_validation[0]
+    assert first >= 3  # training, evaluation, and evaluation of the smaller last batch
+    assert graphs.after_validation == [first] * 3  # and nothing was compiled again
+    torch._dynamo.reset()
