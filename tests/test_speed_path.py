@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanogpt.data import CharDataModule, sample_batch, tokens_fit_on_device, tokens_to_device
+from nanogpt.data import CharDataModule, sample_batch, sample_rank_batch, tokens_fit_on_device, tokens_to_device
 from nanogpt.module import GPTModule
 from tests.conftest import read_scalars
 
@@ -19,6 +19,9 @@ def test_batches_gathered_from_a_device_tensor_equal_host_batches(dtype, vocab):
         hx, hy = sample_batch(tokens, 32, 8, seed=5, rank=1, step=step)
         dx, dy = sample_batch(on_device, 32, 8, seed=5, rank=1, step=step)
         assert dx.dtype == torch.int64 and dx.shape == (8, 32)
+        assert torch.equal(hx, dx) and torch.equal(hy, dy)
+        hx, hy = sample_rank_batch(tokens, 32, 4, seed=5, rank=1, micro_step=step, world_size=2, accumulation=2)
+        dx, dy = sample_rank_batch(on_device, 32, 4, seed=5, rank=1, micro_step=step, world_size=2, accumulation=2)
         assert torch.equal(hx, dx) and torch.equal(hy, dy)
 
 
@@ -37,7 +40,7 @@ def test_datamodule_serves_the_same_batches_from_either_placement(tmp_path, shak
     assert isinstance(dm._train_tokens_for(torch.device("cpu")), torch.Tensor) == bool(on_device)
     batches = [b for _, b in zip(range(3), loader)]
     for step, (x, y) in enumerate(batches):
-        ex, ey = sample_batch(dm.train_tokens, 32, 4, seed=3, rank=0, step=step)
+        ex, ey = sample_rank_batch(dm.train_tokens, 32, 4, seed=3, rank=0, micro_step=step)
         assert torch.equal(x, ex) and torch.equal(y, ey)
 
 
