@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from jsonargparse import ArgumentError
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -21,6 +22,7 @@ from nanogpt.callbacks import RunCheckpoint
 from nanogpt.data import CharDataModule
 from nanogpt.errors import NanoGPTError
 from nanogpt.module import GPTModule
+from nanogpt.monitor import LogLines, RunCSVLogger, RunTensorBoardLogger, StepProgressBar, TrainingMonitor
 
 # Trainer settings that suit step-based GPT training; a config file or flag overrides each.
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -95,6 +97,17 @@ class GPTLightningCLI(LightningCLI):
             default=None,
             help="resume from 'last' (RUN/checkpoints/last.ckpt) or from a checkpoint file",
         )
+        parser.add_argument(
+            "--logger",
+            type=Literal["tensorboard", "csv"],
+            default="tensorboard",
+            help="where scalars go: TensorBoard events in RUN, or RUN/metrics.csv (text samples need TensorBoard)",
+        )
+        parser.add_argument(
+            "--quiet", type=bool, default=False, help="one line per log interval instead of a progress bar (CI, log files)"
+        )
+        # --monitor.*: throughput, grad norm, MFU, text samples, hparams, histograms (nanogpt/monitor.py)
+        parser.add_lightning_class_args(TrainingMonitor, "monitor")
         parser.link_arguments("model.block_size", "data.block_size")
         # only the data knows the vocabulary: hand its size to the model once the data module exists
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
@@ -115,10 +128,22 @@ class GPTLightningCLI(LightningCLI):
         run_dir = trainer_config["default_root_dir"]
         if trainer_config.get("logger") in (None, True):
             # events straight in RUN (no lightning_logs/version_N): a resumed run continues the same run
-            kwargs["logger"] = TensorBoardLogger(save_dir=run_dir, name="", version="", default_hp_metric=False)
+            if self._get(self.config_init, "logger") == "csv":
+                kwargs["logger"] = RunCSVLogger(save_dir=run_dir)
+            else:
+                kwargs["logger"] = RunTensorBoardLogger(save_dir=run_dir)
         if trainer_config.get("enable_checkpointing") is not False:
             callbacks = list(trainer_config.get("callbacks") or [])
             kwargs["callbacks"] = callbacks + [RunCheckpoint(dirpath=str(Path(run_dir) / "checkpoints"))]
+        # progress: one line per log interval with --quiet, else a bar over optimizer steps (unless one is given)
+        callbacks = list(kwargs.get("callbacks", trainer_config.get("callbacks") or []))
+        if self._get(self.config_init, "quiet"):
+            kwargs["enable_progress_bar"] = False
+            kwargs["callbacks"] = callbacks + [LogLines()]
+        elif trainer_config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in callbacks
+        ):
+            kwargs["callbacks"] = callbacks + [StepProgressBar()]
         return super().instantiate_trainer(**kwargs)
 
 
