@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
-from jsonargparse import ArgumentError
+from jsonargparse import ActionYesNo, ArgumentError
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -104,7 +104,10 @@ class GPTLightningCLI(LightningCLI):
             help="where scalars go: TensorBoard events in RUN, or RUN/metrics.csv (text samples need TensorBoard)",
         )
         parser.add_argument(
-            "--quiet", type=bool, default=False, help="one line per log interval instead of a progress bar (CI, log files)"
+            "--quiet",
+            action=ActionYesNo,
+            default=False,
+            help="one line per log interval instead of a progress bar (CI, log files)",
         )
         # --monitor.*: throughput, grad norm, MFU, text samples, hparams, histograms (nanogpt/monitor.py)
         parser.add_lightning_class_args(TrainingMonitor, "monitor")

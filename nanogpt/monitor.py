@@ -207,10 +207,10 @@ class TrainingMonitor(Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         # Lightning calls this after backward (and AMP unscaling) and before gradient clipping
         step = log_step(trainer)
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        if grads and trainer._logger_connector.should_update_logs:
-            norms = torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])
-            pl_module.log("train/grad_norm", torch.linalg.vector_norm(norms), on_step=True, on_epoch=False)
+        if trainer._logger_connector.should_update_logs:
+            norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in pl_module.parameters() if p.grad is not None]
+            if norms:  # a tensor on the device: read (synced) only when Lightning writes the log
+                pl_module.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms)), on_step=True, on_epoch=False)
         n = self.histogram_every_n_steps
         if n and (step + 1) % n == 0 and trainer.is_global_zero:
             for writer in tensorboard_writers(trainer):

@@ -136,7 +136,7 @@ def test_tensorboard_shows_every_tag_and_a_resumed_run_continues_it(tmp_path):
         "--monitor.peak_tflops", "1.0",
         # clip hard: a norm logged after clipping could never exceed 0.1
         "--trainer.gradient_clip_val", "0.1",
-        "--quiet", "true",
+        "--quiet",
     ]
     first = train(run, tmp_path, 200, *monitor_args)
     # --quiet: one line per log interval (20) and one per validation (2), no progress bar
