@@ -29,7 +29,7 @@ port="$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0
 "$python" -m tensorboard.main --logdir "$run" --host 127.0.0.1 --port "$port" >"$work/tensorboard.log" 2>&1 &
 tb_pid=$!
 for _ in $(seq 120); do
-    curl -sf "http://127.0.0.1:$port/data/runs" | grep -q '"\."' && break
+    curl -sf "http://127.0.0.1:$port/data/plugin/scalars/tags" | grep -q 'val/loss' && break
     sleep 0.5
 done
 
@@ -37,6 +37,6 @@ done
 mkdir -p "$(dirname "$out")"
 chromium --headless --no-sandbox --disable-gpu --disable-background-networking --disable-component-update \
     --disable-sync --no-first-run --user-data-dir="$work/chromium" --hide-scrollbars \
-    --window-size=1600,1000 --virtual-time-budget=20000 --screenshot="$out" \
-    "http://127.0.0.1:$port/?darkMode=false&tagFilter=${TAG_FILTER:-train%2F%28loss%7Clr%7Cgrad_norm%7Ctokens_per_sec%29%7Cval%2F%28loss%7Cbpc%29}#timeseries" >/dev/null 2>&1
+    --window-size=1280,760 --virtual-time-budget=30000 --screenshot="$out" \
+    "http://127.0.0.1:$port/?darkMode=false#scalars&tagFilter=${TAG_FILTER:-train%2F%28loss%7Clr%7Cgrad_norm%7Ctokens_per_sec%29}" >/dev/null 2>&1
 echo "wrote $out ($(du -k "$out" | cut -f1) KiB) from $run"
