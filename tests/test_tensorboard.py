@@ -131,21 +131,21 @@ def test_tensorboard_shows_every_tag_and_a_resumed_run_continues_it(tmp_path):
     run = tmp_path / "run"
     monitor_args = [
         "--monitor.sample_prompt", PROMPT, "--monitor.sample_tokens", SAMPLE_TOKENS,
-        "--monitor.histogram_every_n_steps", "100",
+        "--monitor.histogram_every_n_steps", "50", "--trainer.val_check_interval", "50",
         # the CPU twin of a GPU's MFU: a given peak of 1 TFLOP/s instead of one looked up by GPU name
         "--monitor.peak_tflops", "1.0",
         # clip hard: a norm logged after clipping could never exceed 0.1
         "--trainer.gradient_clip_val", "0.1",
         "--quiet",
     ]
-    first = train(run, tmp_path, 200, *monitor_args)
-    # --quiet: one line per log interval (20) and one per validation (2), no progress bar
+    first = train(run, tmp_path, 100, *monitor_args)
+    # --quiet: one line per log interval (10) and one per validation (2), no progress bar
     lines = [line for line in first.stdout.splitlines() if line.startswith("step ")]
-    assert len(lines) == 22, first.stdout
-    assert lines[0].startswith("step 10/200 | loss ") and " tok/s | lr " in lines[0] and "| left " in lines[0]
-    assert any(line.startswith("step 100/200 | val/loss ") for line in lines)
+    assert len(lines) == 12, first.stdout
+    assert lines[0].startswith("step 10/100 | loss ") and " tok/s | lr " in lines[0] and "| left " in lines[0]
+    assert any(line.startswith("step 50/100 | val/loss ") for line in lines)
     assert "step:" not in first.stderr and "it/s" not in first.stderr
-    ckpt_200 = load_checkpoint(str(run / "checkpoints" / "last.ckpt"))
+    ckpt_100 = load_checkpoint(str(run / "checkpoints" / "last.ckpt"))
 
     with tensorboard_server(run, tmp_path / "tensorboard.log") as tb:
         assert tb.get("/data/runs") == ["."]  # one run: events straight in the run dir
@@ -161,7 +161,7 @@ def test_tensorboard_shows_every_tag_and_a_resumed_run_continues_it(tmp_path):
             served = tb.scalars(tag)
             assert [s for s, _ in served] == [s for s, _ in events[tag]], tag
             assert [v for _, v in served] == pytest.approx([v for _, v in events[tag]]), tag
-        log_steps = list(range(9, 200, 10))  # log_every_n_steps 10, against the optimizer step
+        log_steps = list(range(9, 100, 10))  # log_every_n_steps 10, against the optimizer step
         for tag in TRAIN_TAGS:
             assert [s for s, _ in tb.scalars(tag)] == log_steps, tag
         assert tb.scalars("train/tokens_seen") == [(s, (s + 1) * TOKENS_PER_STEP) for s in log_steps]
@@ -171,7 +171,7 @@ def test_tensorboard_shows_every_tag_and_a_resumed_run_continues_it(tmp_path):
             assert mfu == pytest.approx(tiny_flops_per_token() * speeds[step] / 1e12, rel=1e-4)
         assert all(norm > 0.1 for _, norm in tb.scalars("train/grad_norm"))  # before clipping
         val = tb.scalars("val/loss")
-        assert [s for s, _ in val] == [99, 199]
+        assert [s for s, _ in val] == [49, 99]
         assert [v for _, v in tb.scalars("val/ppl")] == pytest.approx([math.exp(v) for _, v in val], rel=1e-4)
         assert [v for _, v in tb.scalars("val/bpc")] == pytest.approx([v / math.log(2) for _, v in val], rel=1e-4)
         num_params = GPT(GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=64)).num_params()
@@ -180,8 +180,8 @@ def test_tensorboard_shows_every_tag_and_a_resumed_run_continues_it(tmp_path):
 
         # the Text tab: the fixed prompt's continuation at each validation, as the model at that step writes it
         texts = tb.texts("val/sample")
-        assert [s for s, _ in texts] == [99, 199]
-        model, tokenizer = ckpt_200
+        assert [s for s, _ in texts] == [49, 99]
+        model, tokenizer = ckpt_100
         expected = sample(model, tokenizer, PROMPT, max_new_tokens=SAMPLE_TOKENS, temperature=0.8, seed=1337)[0]
         def lines(text: str) -> list[str]:  # Markdown keeps the characters, not every space at a line's ends
             return [line.strip() for line in text.strip().splitlines()]
@@ -202,47 +202,47 @@ def test_tensorboard_shows_every_tag_and_a_resumed_run_continues_it(tmp_path):
         hist_tags = tb.get("/data/plugin/histograms/tags")["."]
         for name in ("weights/transformer.h.0.attn.c_attn.weight", "grads/transformer.h.0.attn.c_attn.weight"):
             assert name in hist_tags
-            assert [row[1] for row in tb.get("/data/plugin/histograms/histograms", tag=name, run=".")] == [99, 199]
+            assert [row[1] for row in tb.get("/data/plugin/histograms/histograms", tag=name, run=".")] == [49, 99]
 
-        # resume the finished run for 100 more steps while the server watches it
-        train(run, tmp_path, 300, "--ckpt_path", "last", *monitor_args)
-        wait_for(lambda: tb.scalars("hparams/final_val_loss")[-1][0] == 299, 60, "the resumed run's last step")
+        # resume the finished run for 50 more steps while the server watches it
+        train(run, tmp_path, 150, "--ckpt_path", "last", *monitor_args)
+        wait_for(lambda: tb.scalars("hparams/final_val_loss")[-1][0] == 149, 60, "the resumed run's last step")
         assert tb.get("/data/runs") == ["."]  # the same run, no new version
         assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["checkpoints"]
         for tag in tb.get("/data/plugin/scalars/tags")["."]:
             steps = [s for s, _ in tb.scalars(tag)]
             assert steps == sorted(set(steps)), f"{tag}: steps repeat or go back: {steps}"
         for tag in TRAIN_TAGS:
-            assert [s for s, _ in tb.scalars(tag)] == list(range(9, 300, 10)), tag
+            assert [s for s, _ in tb.scalars(tag)] == list(range(9, 150, 10)), tag
         # tokens_seen continues from the checkpointed count
-        assert tb.scalars("train/tokens_seen")[-1] == (299, 300 * TOKENS_PER_STEP)
+        assert tb.scalars("train/tokens_seen")[-1] == (149, 150 * TOKENS_PER_STEP)
         val = tb.scalars("val/loss")
-        assert [s for s, _ in val] == [99, 199, 299]
-        assert [s for s, _ in tb.texts("val/sample")] == [99, 199, 299]
+        assert [s for s, _ in val] == [49, 99, 149]
+        assert [s for s, _ in tb.texts("val/sample")] == [49, 99, 149]
         _, group = tb.hparams()
         metrics = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}
         assert metrics["hparams/final_val_loss"] == pytest.approx(val[-1][1])
         assert metrics["hparams/best_val_loss"] == pytest.approx(min(v for _, v in val))
-        assert [s for s, _ in tb.scalars("hparams/best_val_loss")] == [199, 299]
+        assert [s for s, _ in tb.scalars("hparams/best_val_loss")] == [99, 149]
 
 
 @pytest.mark.slow
 def test_csv_logger_and_progress_bar(tmp_path):
     run = tmp_path / "run"
-    args = ["--logger", "csv", "--trainer.val_check_interval", "30", "--trainer.enable_progress_bar", "true"]
-    first = train(run, tmp_path, 60, *args)
+    args = ["--logger", "csv", "--trainer.val_check_interval", "20", "--trainer.enable_progress_bar", "true"]
+    first = train(run, tmp_path, 40, *args)
     # the progress bar counts optimizer steps of max_steps, with loss, last val loss and tokens/s
     bar = first.stdout  # Lightning's tqdm bars write to stdout
-    assert "step: 100%" in bar and "60/60" in bar
+    assert "step: 100%" in bar and "40/40" in bar
     for name in ("loss=", "val_loss=", "tok/s="):
         assert name in bar
-    train(run, tmp_path, 90, "--ckpt_path", "last", *args)
+    train(run, tmp_path, 60, "--ckpt_path", "last", *args)
     assert not list(run.glob("events.out.tfevents.*"))
     with open(run / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     train_steps = [int(r["step"]) for r in rows if r["train/loss"]]
-    assert train_steps == list(range(9, 90, 10))  # continued across the resume, not overwritten
-    assert [int(r["step"]) for r in rows if r["val/loss"]] == [29, 59, 89]
+    assert train_steps == list(range(9, 60, 10))  # continued across the resume, not overwritten
+    assert [int(r["step"]) for r in rows if r["val/loss"]] == [19, 39, 59]
     for tag in ("train/grad_norm", "train/tokens_per_sec", "train/tokens_seen", "hparams/final_val_loss"):
         assert any(r[tag] for r in rows), tag
     assert "epoch" not in rows[0]
