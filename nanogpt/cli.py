@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
-from jsonargparse import ArgumentError
-from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+from jsonargparse import ActionYesNo, ArgumentError
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy
@@ -25,6 +25,7 @@ from nanogpt.data import CharDataModule
 from nanogpt.distributed import apply_ddp_defaults, plan_batch
 from nanogpt.errors import NanoGPTError
 from nanogpt.module import GPTModule
+from nanogpt.monitor import LogLines, RunCSVLogger, RunTensorBoardLogger, StepProgressBar, TrainingMonitor
 
 # Trainer settings that suit step-based GPT training; a config file or flag overrides each.
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -99,6 +100,20 @@ class GPTLightningCLI(LightningCLI):
             default=None,
             help="resume from 'last' (RUN/checkpoints/last.ckpt) or from a checkpoint file",
         )
+        parser.add_argument(
+            "--logger",
+            type=Literal["tensorboard", "csv"],
+            default="tensorboard",
+            help="where scalars go: TensorBoard events in RUN, or RUN/metrics.csv (text samples need TensorBoard)",
+        )
+        parser.add_argument(
+            "--quiet",
+            action=ActionYesNo,
+            default=False,
+            help="one line per log interval instead of a progress bar (CI, log files)",
+        )
+        # --monitor.*: throughput, grad norm, MFU, text samples, hparams, histograms (nanogpt/monitor.py)
+        parser.add_lightning_class_args(TrainingMonitor, "monitor")
         parser.link_arguments("model.block_size", "data.block_size")
         # only the data knows the vocabulary: hand its size to the model once the data module exists
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
@@ -119,17 +134,25 @@ class GPTLightningCLI(LightningCLI):
         run_dir = trainer_config["default_root_dir"]
         if trainer_config.get("logger") in (None, True):
             # events straight in RUN (no lightning_logs/version_N): a resumed run continues the same run
-            kwargs["logger"] = TensorBoardLogger(save_dir=run_dir, name="", version="", default_hp_metric=False)
+            if self._get(self.config_init, "logger") == "csv":
+                kwargs["logger"] = RunCSVLogger(save_dir=run_dir)
+            else:
+                kwargs["logger"] = RunTensorBoardLogger(save_dir=run_dir)
         if trainer_config.get("enable_checkpointing") is not False:
             callbacks = list(trainer_config.get("callbacks") or [])
             kwargs["callbacks"] = callbacks + [RunCheckpoint(dirpath=str(Path(run_dir) / "checkpoints"))]
-        if trainer_config.get("enable_progress_bar") is not False:
-            callbacks = kwargs.get("callbacks", list(trainer_config.get("callbacks") or []))
-            if not any(isinstance(c, ProgressBar) for c in callbacks):
-                # redraw every log_every_n_steps batches (when the loss changes), not every batch: a redraw costs
-                # 1-3 ms, several percent of a CPU step
-                every = max(1, trainer_config.get("log_every_n_steps") or TRAINER_DEFAULTS["log_every_n_steps"])
-                kwargs["callbacks"] = callbacks + [TQDMProgressBar(refresh_rate=every)]
+        # progress: one line per log interval with --quiet, else a bar over optimizer steps (unless one is given)
+        callbacks = list(kwargs.get("callbacks", trainer_config.get("callbacks") or []))
+        if self._get(self.config_init, "quiet"):
+            kwargs["enable_progress_bar"] = False
+            kwargs["callbacks"] = callbacks + [LogLines()]
+        elif trainer_config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in callbacks
+        ):
+            # redraw every log_every_n_steps steps (when the loss changes), not every batch: a redraw costs
+            # 1-3 ms, several percent of a CPU step
+            every = max(1, trainer_config.get("log_every_n_steps") or TRAINER_DEFAULTS["log_every_n_steps"])
+            kwargs["callbacks"] = callbacks + [StepProgressBar(refresh_rate=every)]
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError) as e:  # e.g. more devices than the machine has, a bad name
