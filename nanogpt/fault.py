@@ -55,7 +55,7 @@ class FaultTolerance(Callback):
         self.check_finite_loss = check_finite_loss
         self.signum: Optional[int] = None
         self._previous: dict[int, Any] = {}
-        self._at_step_boundary = True  # False between the micro-batches of one gradient accumulation
+        self._stopping: Optional[tuple[int, Optional[str]]] = None  # (signal, checkpoint) once the stop is decided
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None and signum == signal.SIGINT:
@@ -63,7 +63,7 @@ class FaultTolerance(Callback):
         self.signum = signum
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.signum = None
+        self.signum, self._stopping = None, None
         for signum in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -92,25 +92,20 @@ class FaultTolerance(Callback):
                 "with --ckpt_path last"
             )
 
-    def _stop_if_signalled(self, trainer: L.Trainer) -> None:
-        if not _any_rank(trainer, self.signum is not None):
-            return
-        signum = self.signum if self.signum is not None else signal.SIGTERM  # another rank got it
-        path = None
-        checkpoint = trainer.checkpoint_callback
-        if checkpoint is not None and hasattr(checkpoint, "save_last_now"):
-            path = checkpoint.save_last_now(trainer)
-        raise TrainingInterrupted(signum, trainer.global_step, path)
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        # a signal that arrived during validation or a checkpoint save: stop before the next step
-        if self._at_step_boundary:
-            self._stop_if_signalled(trainer)
-
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        # mid gradient accumulation the optimizer step is not taken yet: wait for it
-        self._at_step_boundary = not trainer.fit_loop.epoch_loop._should_accumulate()
-        if self._at_step_boundary:
-            self._stop_if_signalled(trainer)
+        if trainer.fit_loop.epoch_loop._should_accumulate():
+            return  # mid gradient accumulation: the optimizer step is not taken yet
+        if self._stopping is None and _any_rank(trainer, self.signum is not None):
+            # the step is complete: checkpoint it here, where Lightning's loop state expects a save
+            checkpoint = trainer.checkpoint_callback
+            path = checkpoint.save_last_now(trainer) if hasattr(checkpoint, "save_last_now") else None
+            self._stopping = (self.signum if self.signum is not None else signal.SIGTERM, path)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        # stop before the next step rather than at the end of the last: by now that step is logged (and validated,
+        # when one was due, which re-saves last.ckpt), so the checkpoint and the curves agree
+        if self._stopping is not None:
+            signum, path = self._stopping
+            raise TrainingInterrupted(signum, trainer.global_step, path)

@@ -151,15 +151,17 @@ class GPTModule(L.LightningModule):
                     "characters; leave vocab_size unset so it is taken from the data"
                 )
 
-    # Exact resume: dropout draws from the global RNGs. Their state is taken at the end of every step and put back
-    # at the start of the next step after anything else may have drawn from them (validation, a resume), so the
-    # training stream of random numbers depends only on the steps taken, and a checkpoint carries it exactly.
+    # Exact resume: dropout draws from the global RNGs. Their state is taken after every forward pass (the last
+    # draw of a step: backward and AdamW draw nothing, and callbacks that checkpoint at batch end run before the
+    # module's own batch-end hook) and put back at the start of the next step after anything else may have drawn
+    # from them (validation, a resume), so the training stream of random numbers depends only on the steps taken,
+    # and a checkpoint carries it exactly.
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._pending_rng is not None:
             restore_rng_state(self._pending_rng)
             self._pending_rng = None
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_before_backward(self, loss: torch.Tensor) -> None:
         self._step_rng = capture_rng_state()
 
     def on_validation_end(self) -> None:
