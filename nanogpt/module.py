@@ -89,7 +89,7 @@ class GPTModule(L.LightningModule):
         self.model = GPT(self.config)
         self.val_loss = MeanMetric()
         self.tokenizer: Optional[CharTokenizer] = None
-        # RNG states at the last step boundary, and states to put back before the next step (see on_train_batch_*)
+        # RNG states at the last step boundary, and states to put back before the next step (see on_train_batch_start)
         self._step_rng: Optional[dict[str, Any]] = None
         self._pending_rng: Optional[dict[str, Any]] = None
 
