@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any, Optional
+
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from nanogpt.checkpoint import atomic_link, non_finite_tensors, remove_stale_temp_files, step_checkpoint_name, step_checkpoints
+from nanogpt.errors import NanoGPTError
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -11,9 +17,20 @@ class RunCheckpoint(ModelCheckpoint):
 
     Lightning's own end-of-training save is skipped once any checkpoint exists, so a run whose final
     step falls between two validations would lose its last steps; this one saves unless that step is saved.
+    `last.ckpt` is also written every `every_n_steps` optimizer steps, and each write of it is kept as
+    `step-<N>.ckpt` (a hard link, no second write) for the `keep_last_k` newest steps, so an older good
+    checkpoint survives whatever happens to the newest. Weights holding NaN or inf are never saved.
+
+    Args:
+        every_n_steps: also checkpoint every this many optimizer steps (None: only at validations and the end).
+        keep_last_k: how many step-N.ckpt files to keep besides last.ckpt and best.ckpt (0: none).
     """
 
-    def __init__(self, dirpath: str, **kwargs) -> None:
+    def __init__(self, dirpath: str, every_n_steps: Optional[int] = None, keep_last_k: int = 2, **kwargs) -> None:
+        if every_n_steps is not None and every_n_steps < 1:
+            raise NanoGPTError(f"checkpoint.every_n_steps must be a positive integer or null, got {every_n_steps}")
+        if keep_last_k < 0:
+            raise NanoGPTError(f"checkpoint.keep_last_k must be 0 or more, got {keep_last_k}")
         kwargs = {
             "filename": "best",
             "monitor": "val/loss",
@@ -24,6 +41,44 @@ class RunCheckpoint(ModelCheckpoint):
             **kwargs,
         }
         super().__init__(dirpath=dirpath, **kwargs)
+        self.every_n_steps = every_n_steps
+        self.keep_last_k = keep_last_k
+        self._last_step_in_last: Optional[int] = None  # the global step last.ckpt holds, once this run wrote it
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if trainer.is_global_zero and self.dirpath:
+            remove_stale_temp_files(self.dirpath)  # left by a writer that was killed mid-save
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        step = trainer.global_step
+        if (
+            self.every_n_steps
+            and step % self.every_n_steps == 0
+            and not self._should_skip_saving_checkpoint(trainer)
+            and not trainer.fit_loop.epoch_loop._should_accumulate()
+            and not self._validates_now(trainer)  # then the save after validation covers this step
+        ):
+            self.save_last_now(trainer)
+
+    @staticmethod
+    def _validates_now(trainer: L.Trainer) -> bool:
+        epoch_loop = trainer.fit_loop.epoch_loop
+        return bool(trainer.enable_validation) and epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+
+    def save_last_now(self, trainer: L.Trainer) -> Optional[str]:
+        """Writes last.ckpt (and its step link) for the current step unless it already holds it; returns its path."""
+        if not self.save_last:
+            return None
+        if self._last_step_in_last != trainer.global_step:
+            judged = self._last_global_step_saved
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            # best.ckpt has not been judged at this step: a validation at this step must still do so
+            self._last_global_step_saved = judged
+        return self.last_model_path
 
     @property
     def state_key(self) -> str:
@@ -34,5 +89,27 @@ class RunCheckpoint(ModelCheckpoint):
         return self._state_key
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.save_last and self._last_global_step_saved != trainer.global_step:
+        step = trainer.global_step
+        if self.save_last and self._last_global_step_saved != step and self._last_step_in_last != step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        bad = non_finite_tensors(trainer.lightning_module.state_dict())
+        if bad:
+            raise NanoGPTError(
+                f"the weights became non-finite at step {trainer.global_step} ({', '.join(bad[:3])}); they were not "
+                f"saved to {Path(filepath).name}. Lower --model.learning_rate, then resume with --ckpt_path last"
+            )
+        super()._save_checkpoint(trainer, filepath)
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        if not self.save_last or self._last_global_step_saved != trainer.global_step:
+            return
+        self._last_step_in_last = trainer.global_step
+        if trainer.is_global_zero and self.keep_last_k > 0 and self.last_model_path:
+            last = Path(self.last_model_path)
+            atomic_link(last, last.with_name(step_checkpoint_name(trainer.global_step)))
+            for old in step_checkpoints(last.parent)[self.keep_last_k :]:
+                old.unlink(missing_ok=True)
+        trainer.strategy.barrier()

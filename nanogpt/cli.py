@@ -19,11 +19,14 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.plugins.io import CheckpointIO
 
 from nanogpt.callbacks import RunCheckpoint
+from nanogpt.checkpoint import AtomicCheckpointIO, pick_resume_checkpoint, read_checkpoint
 from nanogpt.data import CharDataModule
 from nanogpt.distributed import apply_ddp_defaults, plan_batch
 from nanogpt.errors import NanoGPTError
+from nanogpt.fault import FaultTolerance, TrainingInterrupted
 from nanogpt.module import GPTModule
 from nanogpt.monitor import LogLines, RunCSVLogger, RunTensorBoardLogger, StepProgressBar, TrainingMonitor
 
@@ -56,15 +59,12 @@ def resolve_ckpt_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
             )
         return None
     if ckpt_path == "last":
-        last = ckpt_dir / "last.ckpt"
-        if not last.is_file():
-            raise NanoGPTError(
-                f"--ckpt_path last: there is no {last} to resume; drop --ckpt_path to start a new run"
-            )
-        return str(last)
+        # last.ckpt, or the newest readable step checkpoint when it is damaged (saying so); never a silent fresh start
+        return str(pick_resume_checkpoint(ckpt_dir))
     path = Path(ckpt_path)
     if not path.is_file():
         raise NanoGPTError(f"checkpoint {ckpt_path} does not exist; pass an existing .ckpt file or --ckpt_path last")
+    read_checkpoint(path)  # a corrupt, truncated, empty or unsafe file: one error naming it, now
     return str(path)
 
 
@@ -80,6 +80,7 @@ class GPTLightningCLI(LightningCLI):
 
     def __init__(self, args: Optional[list[str]] = None) -> None:
         self.ckpt_path: Optional[str] = None
+        self.resume_step = 0  # the step the run continues from (0 for a new run)
         super().__init__(
             GPTModule,
             CharDataModule,
@@ -114,6 +115,18 @@ class GPTLightningCLI(LightningCLI):
         )
         # --monitor.*: throughput, grad norm, MFU, text samples, hparams, histograms (nanogpt/monitor.py)
         parser.add_lightning_class_args(TrainingMonitor, "monitor")
+        parser.add_argument(
+            "--checkpoint.every_n_steps",
+            type=Optional[int],
+            default=None,
+            help="also write last.ckpt every this many optimizer steps (default: only at validations and the end)",
+        )
+        parser.add_argument(
+            "--checkpoint.keep_last_k",
+            type=int,
+            default=2,
+            help="keep this many step-N.ckpt files (older good checkpoints) besides last.ckpt and best.ckpt",
+        )
         parser.link_arguments("model.block_size", "data.block_size")
         # only the data knows the vocabulary: hand its size to the model once the data module exists
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
@@ -126,6 +139,8 @@ class GPTLightningCLI(LightningCLI):
         if trainer.precision is None:
             trainer.precision = default_precision()
         self.ckpt_path = resolve_ckpt_path(config.ckpt_path, Path(trainer.default_root_dir))
+        if self.ckpt_path is not None:
+            self.resume_step = int(read_checkpoint(self.ckpt_path, mmap=True)["global_step"])
         if torch.cuda.is_available():
             torch.set_float32_matmul_precision("high")  # TF32 matmuls: free speed on Ampere and newer
 
@@ -134,25 +149,39 @@ class GPTLightningCLI(LightningCLI):
         run_dir = trainer_config["default_root_dir"]
         if trainer_config.get("logger") in (None, True):
             # events straight in RUN (no lightning_logs/version_N): a resumed run continues the same run
+            # purge_step: events a crashed run logged after the checkpoint we resume from are dropped, so the
+            # resumed curves have no duplicate steps (a new run in a dir without checkpoints purges from 0)
             if self._get(self.config_init, "logger") == "csv":
                 kwargs["logger"] = RunCSVLogger(save_dir=run_dir)
             else:
-                kwargs["logger"] = RunTensorBoardLogger(save_dir=run_dir)
+                kwargs["logger"] = RunTensorBoardLogger(save_dir=run_dir, purge_step=self.resume_step)
+        callbacks = list(trainer_config.get("callbacks") or []) + [FaultTolerance()]
         if trainer_config.get("enable_checkpointing") is not False:
-            callbacks = list(trainer_config.get("callbacks") or [])
-            kwargs["callbacks"] = callbacks + [RunCheckpoint(dirpath=str(Path(run_dir) / "checkpoints"))]
+            checkpoint = self.config.get("checkpoint")
+            callbacks.append(
+                RunCheckpoint(
+                    dirpath=str(Path(run_dir) / "checkpoints"),
+                    every_n_steps=checkpoint.every_n_steps,
+                    keep_last_k=checkpoint.keep_last_k,
+                )
+            )
         # progress: one line per log interval with --quiet, else a bar over optimizer steps (unless one is given)
-        callbacks = list(kwargs.get("callbacks", trainer_config.get("callbacks") or []))
         if self._get(self.config_init, "quiet"):
             kwargs["enable_progress_bar"] = False
-            kwargs["callbacks"] = callbacks + [LogLines()]
+            callbacks.append(LogLines())
         elif trainer_config.get("enable_progress_bar") is not False and not any(
             isinstance(c, ProgressBar) for c in callbacks
         ):
             # redraw every log_every_n_steps steps (when the loss changes), not every batch: a redraw costs
             # 1-3 ms, several percent of a CPU step
             every = max(1, trainer_config.get("log_every_n_steps") or TRAINER_DEFAULTS["log_every_n_steps"])
-            kwargs["callbacks"] = callbacks + [StepProgressBar(refresh_rate=every)]
+            callbacks.append(StepProgressBar(refresh_rate=every))
+        kwargs["callbacks"] = callbacks
+        plugins = trainer_config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())  # writes in the run dir itself (not $TMPDIR), fsynced, renamed
+        kwargs["plugins"] = plugins
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError) as e:  # e.g. more devices than the machine has, a bad name
@@ -179,6 +208,9 @@ def main(args: Optional[list[str]] = None) -> None:
     try:
         cli = GPTLightningCLI(args)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path)
+    except TrainingInterrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except NanoGPTError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -45,7 +45,7 @@ def load_checkpoint(path: str, device: str = "cpu") -> tuple[GPT, CharTokenizer]
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
         raise NanoGPTError(f"refusing to load {file}: it holds more than plain tensors and data ({first})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, zipfile.BadZipFile) as e:
         raise NanoGPTError(f"checkpoint {file} is corrupt or truncated and cannot be read ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "tokenizer" not in ckpt:
         raise NanoGPTError(f"{file} is not a nanogpt checkpoint (no state_dict and tokenizer); pass one written by train.py")

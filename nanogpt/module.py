@@ -8,9 +8,11 @@ from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
+from nanogpt.checkpoint import capture_rng_state, check_resume_config, restore_rng_state
 from nanogpt.errors import NanoGPTError
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.tokenizer import CharTokenizer
@@ -62,6 +64,11 @@ class GPTModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        # LightningCLI adds `_instantiator`, an import path that load_from_checkpoint would import: hyperparameters
+        # (in checkpoints and hparams.yaml) stay plain values that name no code
+        for hparams in (self.hparams, self._hparams_initial):
+            hparams.pop("_instantiator", None)
+            hparams.pop("_class_path", None)
         try:
             self.config = GPTConfig(
                 vocab_size=vocab_size,
@@ -83,6 +90,9 @@ class GPTModule(L.LightningModule):
         self.val_loss = MeanMetric()
         self._loss_step, self._loss_count, self._loss_sum = -1, 0, torch.zeros(())  # see _global_batch_loss
         self.tokenizer: Optional[CharTokenizer] = None
+        # RNG states at the last step boundary, and states to put back before the next step (see on_train_batch_start)
+        self._step_rng: Optional[dict[str, Any]] = None
+        self._pending_rng: Optional[dict[str, Any]] = None
 
     def forward(
         self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None
@@ -182,11 +192,48 @@ class GPTModule(L.LightningModule):
                     step=self.global_step,
                 )
 
+    # Exact resume: dropout draws from the global RNGs. Their state is taken after every forward pass (the last
+    # draw of a step: backward and AdamW draw nothing, and callbacks that checkpoint at batch end run before the
+    # module's own batch-end hook) and put back at the start of the next step after anything else may have drawn
+    # from them (validation, a resume), so the training stream of random numbers depends only on the steps taken,
+    # and a checkpoint carries it exactly.
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._pending_rng is not None:
+            restore_rng_state(self._pending_rng)
+            self._pending_rng = None
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        self._step_rng = capture_rng_state()
+
+    def on_validation_end(self) -> None:
+        if self._step_rng is not None:
+            self._pending_rng = self._step_rng  # validation's draws must not shift the training stream
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.tokenizer is not None:
             checkpoint["tokenizer"] = self.tokenizer.to_dict()
+        state = self._step_rng if self._step_rng is not None else capture_rng_state()
+        if dist.is_available() and dist.is_initialized() and self.trainer.world_size > 1:
+            states: list[Any] = [None] * self.trainer.world_size
+            dist.all_gather_object(states, state)  # every rank's own stream, by global rank
+        else:
+            states = [state]
+        checkpoint["rng_states"] = states
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        stored_hparams = checkpoint.get("hyper_parameters")
+        if isinstance(stored_hparams, dict):
+            check_resume_config(stored_hparams, dict(self.hparams))
+        states = checkpoint.get("rng_states")
+        trainer = self._trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if states and len(states) == world:
+            self._pending_rng = states[rank]
+        elif states:
+            rank_zero_warn(
+                f"the checkpoint holds RNG states for {len(states)} processes but this run has {world}: "
+                "training resumes, but its random dropout masks will differ from an uninterrupted run"
+            )
         stored = checkpoint.get("tokenizer")
         if stored is None:
             return

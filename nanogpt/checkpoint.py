@@ -1,0 +1,254 @@
+"""Checkpoints that survive crashes and never run code: atomic writes, safe validated reads, resume checks.
+
+A checkpoint is written to a temporary file beside its target, flushed and fsynced, then renamed over the
+target (and the directory fsynced), so a crash mid-write leaves the previous good file in place. Reading uses
+torch.load(weights_only=True): plain tensors and data only, never a class or function named in the file.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from nanogpt.errors import NanoGPTError
+
+# Fields of GPTModule that fix the shapes of the weights: a resumed run must match them exactly.
+SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "activation")
+# Fields whose checkpointed values win on resume (the optimizer state and base LR are restored from the file),
+# so a different value on the command line would be silently ignored: refuse it instead.
+RESTORED_FIELDS = ("learning_rate", "weight_decay", "beta1", "beta2")
+# Step checkpoints are named step-<global step>.ckpt, zero padded so they sort by step.
+STEP_CHECKPOINT = re.compile(r"^step-(\d+)\.ckpt$")
+
+
+def step_checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}.ckpt"
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Makes a rename in directory durable (no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _temp_beside(path: Path) -> tuple[int, str]:
+    # hidden and not *.ckpt: a leftover temp file is never taken for a checkpoint
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files: give the checkpoint the permissions open() would
+    return fd, tmp
+
+
+def atomic_save(obj: Any, path: Union[str, Path]) -> None:
+    """torch.save to a temp file in path's directory, flush + fsync, then rename over path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _temp_beside(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_link(src: Union[str, Path], dst: Union[str, Path]) -> None:
+    """Makes dst a durable copy of src without rewriting it: a hard link where the filesystem has them, else a copy.
+
+    Both ways go through a temp file and a rename, so dst is always either its old or its new content.
+    """
+    src, dst = Path(src), Path(dst)
+    fd, tmp = _temp_beside(dst)
+    os.close(fd)
+    try:
+        os.unlink(tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(dst.parent)
+
+
+def remove_stale_temp_files(directory: Union[str, Path]) -> list[Path]:
+    """Deletes temp files a killed writer left in a checkpoint dir; returns them."""
+    directory = Path(directory)
+    stale = sorted(directory.glob(".*.ckpt.*.tmp")) if directory.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def read_checkpoint(path: Union[str, Path], map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Loads a training checkpoint safely; any unreadable, unsafe or foreign file is a NanoGPTError naming it."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise NanoGPTError(f"checkpoint {path} cannot be read ({e.strerror or e})") from None
+    if size == 0:
+        raise NanoGPTError(f"checkpoint {path} is empty (0 bytes): it was never written completely")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
+        raise NanoGPTError(
+            f"refusing to load {path}: it holds objects other than tensors and plain data, which could run code "
+            f"({first[:160]})"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - any other unpickler failure (IndexError, EOFError, ...) is a damaged file
+        raise NanoGPTError(
+            f"checkpoint {path} is corrupt or truncated and cannot be read ({type(e).__name__})"
+        ) from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict) or "global_step" not in ckpt:
+        raise NanoGPTError(f"{path} is not a nanogpt training checkpoint (no state_dict and global_step)")
+    return ckpt
+
+
+def non_finite_tensors(state_dict: dict[str, Any]) -> list[str]:
+    """Names of floating-point tensors in state_dict holding NaN or inf."""
+    return [
+        name
+        for name, t in state_dict.items()
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+
+
+def check_resumable(path: Union[str, Path]) -> dict[str, Any]:
+    """read_checkpoint plus the checks resuming needs: finite weights and a training state to continue."""
+    ckpt = read_checkpoint(path)
+    bad = non_finite_tensors(ckpt["state_dict"])
+    if bad:
+        raise NanoGPTError(f"checkpoint {path} holds non-finite weights ({', '.join(bad[:3])}); resume from another")
+    if "optimizer_states" not in ckpt or "loops" not in ckpt:
+        raise NanoGPTError(f"checkpoint {path} holds weights only (no optimizer or loop state) and cannot be resumed")
+    return ckpt
+
+
+def step_checkpoints(ckpt_dir: Union[str, Path]) -> list[Path]:
+    """A run's step-N.ckpt files, newest step first."""
+    ckpt_dir = Path(ckpt_dir)
+    found = [(int(m.group(1)), p) for p in ckpt_dir.glob("step-*.ckpt") if (m := STEP_CHECKPOINT.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def pick_resume_checkpoint(ckpt_dir: Union[str, Path], log=None) -> Path:
+    """The checkpoint `--ckpt_path last` resumes: last.ckpt, else the newest readable step checkpoint.
+
+    Never silently starts from scratch: if the dir holds checkpoints and none can be resumed, this raises an
+    error naming each file and why; if an older one is used instead of last.ckpt, it says which (through log).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    log = log or (lambda message: print(message, file=sys.stderr))
+    last = ckpt_dir / "last.ckpt"
+    candidates = ([last] if last.exists() else []) + step_checkpoints(ckpt_dir)
+    if not candidates:
+        others = sorted(p.name for p in ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
+        hint = f" (it holds only {', '.join(others)}: pass one with --ckpt_path FILE)" if others else ""
+        raise NanoGPTError(
+            f"--ckpt_path last: there is no {last} to resume{hint}; drop --ckpt_path to start a new run"
+        )
+    problems: list[str] = []
+    for path in candidates:
+        try:
+            ckpt = check_resumable(path)
+        except NanoGPTError as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            log(
+                f"warning: {'; '.join(problems)}. Resuming from the newest good checkpoint, {path} "
+                f"(step {ckpt['global_step']}), instead"
+            )
+        return path
+    raise NanoGPTError(
+        f"--ckpt_path last: no checkpoint in {ckpt_dir} can be resumed: {'; '.join(problems)}. "
+        "Resume from another file with --ckpt_path FILE, or start a new run in another --trainer.default_root_dir"
+    )
+
+
+def config_differences(stored: dict[str, Any], current: dict[str, Any], fields: tuple[str, ...]) -> list[str]:
+    """'name: stored -> current' for each field in fields whose value differs between the two hparam dicts."""
+    return [f"{k}: {stored[k]!r} -> {current.get(k)!r}" for k in fields if k in stored and stored[k] != current.get(k)]
+
+
+def check_resume_config(stored: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuses a resume whose model shape, or whose restored optimizer settings, differ from the checkpoint's."""
+    shape = config_differences(stored, current, SHAPE_FIELDS)
+    restored = config_differences(stored, current, RESTORED_FIELDS)
+    if shape:
+        raise NanoGPTError(
+            f"the checkpoint's model differs from the config ({'; '.join(shape)}); resume with the model settings "
+            "it was trained with, or start a new run in another --trainer.default_root_dir"
+        )
+    if restored:
+        raise NanoGPTError(
+            f"these settings are restored from the checkpoint and cannot change on resume ({'; '.join(restored)}); "
+            "drop them from the command line, or start a new run"
+        )
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's torch (CPU and CUDA), numpy and python RNG states, as data torch.load(weights_only) accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Puts back states captured by capture_rng_state (CUDA only where this process has the same GPUs)."""
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO, writing atomically in the target's own directory and reading safely."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        atomic_save(checkpoint, path)
+
+    def load_checkpoint(self, path: Any, map_location: Optional[Any] = None, weights_only: Optional[bool] = None):
+        return read_checkpoint(path, map_location=map_location or "cpu")
+
+    def remove_checkpoint(self, path: Any) -> None:
+        Path(path).unlink(missing_ok=True)

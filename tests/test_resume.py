@@ -1,0 +1,385 @@
+"""Exact resume and fault tolerance, on real training processes: interruptions, signals, kill -9, NaN, bad files."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from nanogpt.checkpoint import (
+    AtomicCheckpointIO,
+    atomic_save,
+    check_resumable,
+    config_differences,
+    pick_resume_checkpoint,
+    read_checkpoint,
+)
+from nanogpt.errors import NanoGPTError
+from tests.conftest import REPO, TINY_CONFIG, assert_user_error, read_scalars, run_script
+
+OFFLINE_URL = "http://127.0.0.1:9/input.txt"
+MAX_STEPS = 60
+# dropout on, validations at steps 25 and 50, step checkpoints every 10, a schedule that does not depend on max_steps
+ARGS = [
+    "--config", TINY_CONFIG,
+    "--trainer.val_check_interval", "25",
+    "--trainer.log_every_n_steps", "1",
+    "--checkpoint.every_n_steps", "10",
+    "--model.dropout", "0.1",
+    "--model.decay_steps", str(MAX_STEPS),
+]
+
+
+class PoisonWeights(Callback):
+    """Test helper loaded by train.py through --config: fills a weight with NaN at one step.
+
+    when="start": before that step's forward, so its loss is NaN; when="end": after that step's update, so the
+    weights are NaN while the step's loss was finite.
+    """
+
+    def __init__(self, step: int, when: str = "start") -> None:
+        self.step, self.when = step, when
+
+    def _poison(self, trainer, pl_module) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                next(pl_module.parameters()).fill_(float("nan"))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.when == "start":
+            self._poison(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.when == "end" and trainer.global_step == self.step + 1:
+            with torch.no_grad():
+                next(pl_module.parameters()).fill_(float("nan"))
+
+
+class Payload:
+    """A pickle whose loading would create a file: the proof that loading ran code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _env(cache: Path) -> dict:
+    return {"NANOGPT_CACHE": str(cache), "NANOGPT_TINYSHAKESPEARE_URL": OFFLINE_URL}
+
+
+def train(run: Path, cache: Path, *extra, max_steps: int = MAX_STEPS, resume: bool = False):
+    args = [*ARGS, "--trainer.max_steps", max_steps, "--trainer.default_root_dir", run, *extra]
+    if resume:
+        args += ["--ckpt_path", "last"]
+    return run_script("train.py", *args, cwd=run.parent, env=_env(cache))
+
+
+def start_training(run: Path, cache: Path, *extra, resume: bool = False, max_steps: int = MAX_STEPS) -> subprocess.Popen:
+    args = [*ARGS, "--trainer.max_steps", max_steps, "--trainer.default_root_dir", run, *extra]
+    if resume:
+        args += ["--ckpt_path", "last"]
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *map(str, args)],
+        cwd=run.parent,
+        env={**os.environ, **_env(cache)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, weights_only=True)  # every checkpoint we write loads this way
+
+
+def assert_same_training(straight: Path, resumed: Path) -> None:
+    """Bit-identical per-step train/loss, no duplicate steps, and identical final weights and optimizer state."""
+    a, b = read_scalars(straight), read_scalars(resumed)
+    steps = [s for s, _ in b["train/loss"]]
+    assert steps == list(range(MAX_STEPS)), steps  # every step once, in order: no duplicates, no gaps
+    assert b["train/loss"] == a["train/loss"]
+    assert b["val/loss"] == a["val/loss"] and [s for s, _ in b["val/loss"]] == [24, 49]
+    ca, cb = load(straight / "checkpoints" / "last.ckpt"), load(resumed / "checkpoints" / "last.ckpt")
+    assert cb["global_step"] == ca["global_step"] == MAX_STEPS
+    for name, tensor in ca["state_dict"].items():
+        assert torch.equal(tensor, cb["state_dict"][name]), name
+    for state_a, state_b in zip(ca["optimizer_states"][0]["state"].values(), cb["optimizer_states"][0]["state"].values()):
+        assert torch.equal(state_a["exp_avg_sq"], state_b["exp_avg_sq"])
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, nanogpt_cache) -> Path:
+    """An uninterrupted 60-step run: the reference every interrupted run must match bit for bit."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    result = train(run, nanogpt_cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run
+
+
+# ---- 1. exact resume --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_stop_and_resume_between_validations_is_bit_exact(straight, nanogpt_cache, tmp_path):
+    run = tmp_path / "run"
+    first = train(run, nanogpt_cache, max_steps=35)  # stops between the validations at 25 and 50
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert load(run / "checkpoints" / "last.ckpt")["global_step"] == 35
+    second = train(run, nanogpt_cache, resume=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert_same_training(straight, run)
+    ckpt = load(run / "checkpoints" / "last.ckpt")
+    assert len(ckpt["rng_states"]) == 1 and set(ckpt["rng_states"][0]) == {"torch", "cuda", "numpy", "python"}
+
+
+# ---- 2. atomic checkpoints, every_n_steps, keep last K ----------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_step_checkpoints_are_kept_for_the_last_k_steps(straight):
+    ckpts = straight / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "best.ckpt", "last.ckpt", "step-00000050.ckpt", "step-00000060.ckpt"
+    ]  # keep_last_k=2, no temp files left
+    assert load(ckpts / "step-00000050.ckpt")["global_step"] == 50
+    assert load(ckpts / "best.ckpt")["global_step"] == 50  # judged at the validation of step 50
+    hparams = load(ckpts / "last.ckpt")["hyper_parameters"]
+    assert not any(k.startswith("_") for k in hparams), hparams  # no import paths such as _instantiator
+    assert "_instantiator" not in (straight / "hparams.yaml").read_text()
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path):
+    target = tmp_path / "last.ckpt"
+    atomic_save({"global_step": 1, "state_dict": {"w": torch.ones(3)}}, target)
+    before = target.read_bytes()
+
+    class Unsaveable:  # torch.save raises half way through writing the file
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        AtomicCheckpointIO().save_checkpoint({"global_step": 2, "big": torch.zeros(10_000), "x": Unsaveable()}, target)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # the temp file is gone too
+    assert read_checkpoint(target)["global_step"] == 1
+
+
+# ---- 3. signals ---------------------------------------------------------------------------------------------------
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_checkpoints_the_step_and_exits_with_its_code(straight, nanogpt_cache, tmp_path, signum, code):
+    run = tmp_path / "run"
+    proc = start_training(run, nanogpt_cache)
+    _wait_for(run / "checkpoints" / "step-00000010.ckpt", proc)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == code, stderr[-3000:]
+    assert "Traceback" not in stderr
+    stopped = load(run / "checkpoints" / "last.ckpt")["global_step"]
+    assert 10 <= stopped < MAX_STEPS
+    assert f"stopped: {signum.name} received: stopped after step {stopped}" in stderr
+    if signum == signal.SIGTERM:  # the preempted run resumes to the very same result
+        result = train(run, nanogpt_cache, resume=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert_same_training(straight, run)
+    else:
+        check_resumable(run / "checkpoints" / "last.ckpt")
+
+
+# ---- 4. non-finite loss -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["start", "end"], ids=["nan-loss", "nan-weights"])
+def test_nan_stops_the_run_and_never_reaches_a_checkpoint(nanogpt_cache, tmp_path, when):
+    poison = tmp_path / "poison.yaml"
+    poison.write_text(
+        "trainer:\n  callbacks:\n    - class_path: tests.test_resume.PoisonWeights\n"
+        f"      init_args: {{step: 29, when: {when}}}\n",
+        encoding="utf-8",
+    )
+    run = tmp_path / "run"
+    result = train(run, nanogpt_cache, "--config", poison)
+    if when == "start":  # the loss of step 29 is NaN: stopped before its backward pass
+        assert_user_error(result, "training loss became nan at step 29", "--ckpt_path last")
+    else:  # the step-30 update gave NaN weights: refused at the step-30 checkpoint
+        assert_user_error(result, "weights became non-finite at step 30", "were not saved")
+    ckpts = run / "checkpoints"
+    assert load(ckpts / "last.ckpt")["global_step"] == 25  # written at the validation of step 25
+    assert load(ckpts / "best.ckpt")["global_step"] == 25
+    for path in ckpts.glob("*.ckpt"):
+        assert all(torch.isfinite(t).all() for t in load(path)["state_dict"].values()), path
+    if when == "start":  # the run still resumes from its last good checkpoint, without the poison
+        resumed = train(run, nanogpt_cache, resume=True)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert load(ckpts / "last.ckpt")["global_step"] == MAX_STEPS
+
+
+# ---- 5. kill -9 at random moments ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_never_loses_the_run(nanogpt_cache, tmp_path):
+    seed = int(os.environ.get("NANOGPT_KILL_SEED", time.time_ns() % 10_000))  # printed on failure to replay it
+    rng = random.Random(seed)
+    run, steps = tmp_path / "run", 150
+    ckpts = run / "checkpoints"
+    extra = ["--checkpoint.every_n_steps", "5"]  # frequent saves, so kills land in saves as well as in steps
+    kills: list[tuple[str, int]] = []
+    for _ in range(15):
+        resume = (ckpts / "last.ckpt").exists()
+        before = _step_or(ckpts / "last.ckpt", -1)
+        proc = start_training(run, nanogpt_cache, *extra, resume=resume, max_steps=steps)
+        moment = rng.choice(["startup", "training"])
+        if moment == "startup":  # anywhere in imports, data loading, restoring
+            time.sleep(rng.uniform(0.5, 5.0))
+        else:  # once this start has saved a checkpoint of its own, a random moment later
+            deadline = time.monotonic() + 300
+            while proc.poll() is None and _step_or(ckpts / "last.ckpt", -1) <= before and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.3))
+        if proc.poll() is not None:
+            proc.communicate()
+            assert proc.returncode == 0, f"seed {seed}: {proc.stderr}"
+            break  # finished before the kill
+        proc.kill()
+        proc.communicate()
+        kills.append((moment, _step_or(ckpts / "last.ckpt", -1)))
+        if (ckpts / "last.ckpt").exists():  # always a good checkpoint to resume, never a half-written one
+            check_resumable(pick_resume_checkpoint(ckpts, log=lambda message: None))
+        if len(kills) == 5:
+            break
+    assert len(kills) == 5, f"seed {seed}: the run finished after {kills}; lengthen it"
+    result = train(run, nanogpt_cache, *extra, resume=True, max_steps=steps)
+    assert result.returncode == 0, f"seed {seed}, kills {kills}: {result.stderr[-3000:]}"
+    assert load(ckpts / "last.ckpt")["global_step"] == steps
+    logged = [s for s, _ in read_scalars(run)["train/loss"]]
+    assert len(logged) == len(set(logged)) and max(logged) == steps - 1, f"seed {seed}, kills {kills}: {logged}"
+    assert not list(ckpts.glob(".*.tmp"))
+    from nanogpt.generate import load_checkpoint
+
+    load_checkpoint(str(run))  # and the run samples
+
+
+def _step_or(path: Path, default: int) -> int:
+    try:
+        return int(torch.load(path, weights_only=True, mmap=True)["global_step"])
+    except Exception:
+        return default
+
+
+# ---- 6. corrupt, truncated, empty -------------------------------------------------------------------------------
+
+
+def _damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "empty":
+        path.write_bytes(b"")
+    else:
+        path.write_bytes(b"this is not a checkpoint" * 100)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["truncated", "empty", "garbage"])
+def test_a_damaged_checkpoint_is_named_and_never_loaded(straight, how, tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes((straight / "checkpoints" / "last.ckpt").read_bytes())
+    _damage(bad, how)
+    with pytest.raises(NanoGPTError, match=f"{bad}.*(empty|corrupt or truncated)"):
+        read_checkpoint(bad)
+
+
+@pytest.mark.slow
+def test_resume_falls_back_to_the_newest_good_checkpoint_and_says_so(straight, tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    for p in (straight / "checkpoints").iterdir():
+        (ckpts / p.name).write_bytes(p.read_bytes())
+    _damage(ckpts / "last.ckpt", "truncated")
+    messages = []
+    assert pick_resume_checkpoint(ckpts, log=messages.append) == ckpts / "step-00000060.ckpt"
+    assert "last.ckpt is corrupt or truncated" in messages[0] and "step-00000060.ckpt (step 60)" in messages[0]
+    _damage(ckpts / "step-00000060.ckpt", "empty")
+    assert pick_resume_checkpoint(ckpts, log=messages.append) == ckpts / "step-00000050.ckpt"
+    _damage(ckpts / "step-00000050.ckpt", "garbage")
+    with pytest.raises(NanoGPTError, match="no checkpoint in .* can be resumed: .*last.ckpt.*step-00000060.ckpt.*50"):
+        pick_resume_checkpoint(ckpts, log=messages.append)
+
+
+@pytest.mark.slow
+def test_train_py_reports_damaged_checkpoints_in_one_line(straight, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")  # no older one to fall back to
+    result = run_script("train.py", *ARGS, "--trainer.default_root_dir", run, "--ckpt_path", "last", cwd=tmp_path)
+    assert_user_error(result, "last.ckpt is empty", "can be resumed")
+    assert not (run / "events.out.tfevents").exists() and not list(run.glob("events*"))  # nothing started
+
+
+# ---- 7. untrusted checkpoints --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_checkpoint_with_a_code_payload_is_refused_by_resume_and_sample(straight, tmp_path):
+    marker = tmp_path / "pwned"
+    ckpt = load(straight / "checkpoints" / "last.ckpt")
+    ckpt["extra"] = Payload(marker)
+    evil = tmp_path / "evil.ckpt"
+    torch.save(ckpt, evil)
+    raw = tmp_path / "evil_raw.ckpt"  # a legacy plain pickle, not a zip
+    raw.write_bytes(pickle.dumps({"state_dict": {}, "global_step": 1, "x": Payload(marker)}))
+    for path in (evil, raw):
+        result = run_script("train.py", *ARGS, "--trainer.default_root_dir", tmp_path / "run", "--ckpt_path", path,
+                            cwd=tmp_path)
+        assert_user_error(result, f"refusing to load {path}")
+    result = run_script("sample.py", "--ckpt", evil, "--max_new_tokens", "5", cwd=tmp_path)
+    assert_user_error(result, "refusing to load", "evil.ckpt")
+    assert not marker.exists()  # the payload never ran
+    # the unsafe loader would run it: the test's payload is real
+    torch.load(evil, weights_only=False)
+    assert marker.exists()
+
+
+# ---- 8. changed config on resume --------------------------------------------------------------------------------
+
+
+def test_config_differences_list_each_changed_field():
+    stored = {"n_layer": 2, "n_embd": 64, "learning_rate": 3e-3}
+    assert config_differences(stored, {"n_layer": 3, "n_embd": 64}, ("n_layer", "n_embd")) == ["n_layer: 2 -> 3"]
+
+
+@pytest.mark.slow
+def test_resuming_with_another_model_shape_lists_the_fields(straight, nanogpt_cache, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes((straight / "checkpoints" / "last.ckpt").read_bytes())
+    before = (run / "checkpoints" / "last.ckpt").read_bytes()
+    result = train(run, nanogpt_cache, "--model.n_layer", "3", "--model.n_embd", "96", "--model.learning_rate", "1e-3",
+                   resume=True, max_steps=80)
+    assert_user_error(result, "n_layer: 2 -> 3", "n_embd: 64 -> 96")
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
+    result = train(run, nanogpt_cache, "--model.learning_rate", "1e-3", resume=True, max_steps=80)
+    assert_user_error(result, "cannot change on resume", "learning_rate: 0.003 -> 0.001")
