@@ -1,6 +1,6 @@
 """The yardstick: a minimal hand-written PyTorch training loop, nanoGPT style, for the same GPT and batches.
 
-Same network (nanogpt.model.GPT, same seed so the same initial weights), same batches (nanogpt.data.sample_batch
+Same network (nanogpt.model.GPT, same seed so the same initial weights), same batches (nanogpt.data.sample_rank_batch
 from the same token placement), same AdamW parameter groups, warmup + cosine schedule and gradient clipping as
 GPTModule, and on a GPU the same bf16 autocast, fused AdamW and torch.compile. Nothing else: no logging, no
 checkpoints, no callbacks. throughput.py compares our Lightning path against it.
@@ -17,7 +17,7 @@ from typing import Union
 import numpy as np
 import torch
 
-from nanogpt.data import sample_batch
+from nanogpt.data import sample_rank_batch
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.module import warmup_cosine
 
@@ -89,7 +89,7 @@ def train_plain(
         if step == warmup:
             _sync(device)
             t0, cpu0 = time.perf_counter(), time.process_time()
-        x, y = sample_batch(tokens, s.config.block_size, s.batch_size, s.data_seed, 0, step)
+        x, y = sample_rank_batch(tokens, s.config.block_size, s.batch_size, s.data_seed, 0, step)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # no-ops when gathered there
         with autocast():
             _, loss = forward(x, y)
