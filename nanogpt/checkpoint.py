@@ -15,7 +15,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, BinaryIO, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -59,14 +59,17 @@ def _temp_beside(path: Path) -> tuple[int, str]:
     return fd, tmp
 
 
-def atomic_save(obj: Any, path: Union[str, Path]) -> None:
-    """torch.save to a temp file in path's directory, flush + fsync, then rename over path."""
+def atomic_write(path: Union[str, Path], write: Callable[[BinaryIO], Any]) -> None:
+    """Calls write(file) on a temp file in path's directory, flushes and fsyncs it, then renames it over path.
+
+    Readers see the old content or the new, never half a file, and a crash mid-write leaves the old one in place.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -74,6 +77,11 @@ def atomic_save(obj: Any, path: Union[str, Path]) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_save(obj: Any, path: Union[str, Path]) -> None:
+    """torch.save through atomic_write."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_link(src: Union[str, Path], dst: Union[str, Path]) -> None:

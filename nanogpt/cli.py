@@ -9,6 +9,7 @@ checkpoints in RUN/checkpoints (last.ckpt, best.ckpt), TensorBoard events and th
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -204,6 +205,10 @@ class GPTLightningCLI(LightningCLI):
 
 def main(args: Optional[list[str]] = None) -> None:
     """Entry point of train.py and nanogpt-train."""
+    # Lightning warnings that do not apply: our IterableDatasets run in the main process (num_workers=0), so their
+    # __len__ is exact, and the LeafSpec deprecation is Lightning's own use of a torch API
+    warnings.filterwarnings("ignore", message=r".*IterableDataset. has .__len__. defined.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     try:
         cli = GPTLightningCLI(args)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path)

@@ -24,7 +24,6 @@ import json
 import mmap
 import os
 import shutil
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -37,6 +36,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
+from nanogpt.checkpoint import atomic_write
 from nanogpt.errors import NanoGPTError
 from nanogpt.tokenizer import CharTokenizer, describe_chars
 
@@ -59,21 +59,6 @@ def cache_root(cache_dir: Optional[str] = None) -> Path:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Writes data to path through a temporary file in the same directory, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def tinyshakespeare_path(cache_dir: Optional[str] = None) -> Path:
@@ -99,7 +84,7 @@ def download_tinyshakespeare(cache_dir: Optional[str] = None) -> Path:
             f"the tiny-shakespeare download from {url} failed its sha256 check ({_sha256(data)[:12]}… "
             f"instead of {TINYSHAKESPEARE_SHA256[:12]}…); try again, or pass a local file with --data.source PATH"
         )
-    _atomic_write(path, data)
+    atomic_write(path, lambda f: f.write(data))
     return path
 
 
