@@ -5,7 +5,7 @@
 #
 #   bash scripts/tensorboard_screenshot.sh [RUN_DIR] [OUT_PNG]
 #
-# Env: PYTHON (default: python), STEPS (default 600, for a new run).
+# Env: PYTHON (default: python), STEPS (default 2000, the config's own, for a new run), TAG_FILTER (a URL-encoded regex).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python="${PYTHON:-python}"
@@ -22,7 +22,7 @@ run="${1:-}"
 if [ -z "$run" ]; then
     run="$work/run"
     "$python" train.py --config configs/shakespeare_char_cpu.yaml --trainer.default_root_dir "$run" \
-        --trainer.max_steps "${STEPS:-600}" --trainer.val_check_interval 100 --monitor.sample_prompt "ROMEO:" --quiet
+        --trainer.max_steps "${STEPS:-2000}" --monitor.sample_prompt "ROMEO:" --quiet
 fi
 
 port="$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
@@ -38,5 +38,5 @@ mkdir -p "$(dirname "$out")"
 chromium --headless --no-sandbox --disable-gpu --disable-background-networking --disable-component-update \
     --disable-sync --no-first-run --user-data-dir="$work/chromium" --hide-scrollbars \
     --window-size=1280,760 --virtual-time-budget=30000 --screenshot="$out" \
-    "http://127.0.0.1:$port/?darkMode=false#scalars&tagFilter=${TAG_FILTER:-train%2F%28loss%7Clr%7Cgrad_norm%7Ctokens_per_sec%29}" >/dev/null 2>&1
+    "http://127.0.0.1:$port/?darkMode=false#scalars&tagFilter=${TAG_FILTER:-%28train%2Floss%7Cval%2Floss%7Ctrain%2Flr%7Ctrain%2Fgrad_norm%29}" >/dev/null 2>&1
 echo "wrote $out ($(du -k "$out" | cut -f1) KiB) from $run"
