@@ -13,7 +13,7 @@ from gradio_client.exceptions import AppError
 
 from nanogpt.app import generate_text, main
 from nanogpt.generate import load_checkpoint, sample
-from tests.conftest import REPO, assert_user_error
+from tests.conftest import REPO, assert_user_error, run_main
 
 MAX_LENGTH = 80
 
@@ -86,15 +86,5 @@ def test_generate_text_caps_the_length_itself(random_checkpoint):
 
 def test_app_bad_arguments_are_one_line_errors(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")  # restored after the test
-
-    def run(*argv):
-        try:
-            main([str(a) for a in argv])
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        out = capsys.readouterr()
-        return type("Result", (), {"returncode": code, "stdout": out.out, "stderr": out.err})
-
-    assert_user_error(run("--ckpt", tmp_path / "none.ckpt"), "does not exist")
-    assert_user_error(run("--ckpt", tmp_path / "none.ckpt", "--max_length", "0"), "--max_length")
+    assert_user_error(run_main(main, capsys, "--ckpt", tmp_path / "none.ckpt"), "does not exist")
+    assert_user_error(run_main(main, capsys, "--ckpt", tmp_path / "none.ckpt", "--max_length", "0"), "--max_length")

@@ -13,7 +13,7 @@ from nanogpt.export import export, main
 from nanogpt.generate import load_checkpoint
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.tokenizer import CharTokenizer
-from tests.conftest import assert_user_error
+from tests.conftest import assert_user_error, run_main
 
 
 def write_checkpoint(model: GPT, tokenizer: CharTokenizer, path) -> None:
@@ -77,33 +77,22 @@ def nanogpt_export(*args, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(exe), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-def run_main(capsys, *argv):
-    """nanogpt-export's main in this process, as a CompletedProcess-like result."""
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return type("Result", (), {"returncode": code, "stdout": out.out, "stderr": out.err})
-
-
 def test_cli_writes_the_folder_and_refuses_to_clobber(random_checkpoint, tmp_path, capsys):
     result = nanogpt_export("--ckpt", random_checkpoint, "--out", tmp_path / "hf", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "hf" / "model.safetensors").is_file()
     before = (tmp_path / "hf" / "model.safetensors").read_bytes()
-    again = run_main(capsys, "--ckpt", random_checkpoint, "--out", tmp_path / "hf")
+    again = run_main(main, capsys, "--ckpt", random_checkpoint, "--out", tmp_path / "hf")
     assert_user_error(again, "already holds files", "--overwrite")
     assert (tmp_path / "hf" / "model.safetensors").read_bytes() == before
-    assert run_main(capsys, "--ckpt", random_checkpoint, "--out", tmp_path / "hf", "--overwrite").returncode == 0
+    assert run_main(main, capsys, "--ckpt", random_checkpoint, "--out", tmp_path / "hf", "--overwrite").returncode == 0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf.")]  # no temporary folder left behind
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
-    assert_user_error(run_main(capsys, "--ckpt", tmp_path / "nope.ckpt", "--out", tmp_path / "hf"), "does not exist")
+    assert_user_error(run_main(main, capsys, "--ckpt", tmp_path / "nope.ckpt", "--out", tmp_path / "hf"), "does not exist")
     (tmp_path / "file").write_text("x")
-    assert_user_error(run_main(capsys, "--ckpt", tmp_path / "nope.ckpt", "--out", tmp_path / "file"), "is a file")
+    assert_user_error(run_main(main, capsys, "--ckpt", tmp_path / "nope.ckpt", "--out", tmp_path / "file"), "is a file")
     assert not (tmp_path / "hf").exists()
 
 

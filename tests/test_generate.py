@@ -1,14 +1,12 @@
 """Fast generation: the KV cache, sampling controls (top_p, stop, stream, seed) and their command line."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 from nanogpt.errors import NanoGPTError
 from nanogpt.generate import load_checkpoint, main, sample, stream
 from nanogpt.model import GPT, GPTConfig, sample_logits
-from tests.conftest import assert_user_error, run_script
+from tests.conftest import assert_user_error, run_main, run_script
 
 
 @pytest.fixture(autouse=True)
@@ -25,17 +23,6 @@ def tiny_model(block_size: int = 16) -> GPT:
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=65, block_size=block_size, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
     return GPT(config).eval()
-
-
-def run_main(capsys, *argv: str) -> SimpleNamespace:
-    """sample.py's main in this process (fast), as a CompletedProcess-like result."""
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
 
 SETTINGS = [dict(temperature=0), dict(temperature=1.0), dict(temperature=0.9, top_k=10, top_p=0.9)]
@@ -205,25 +192,25 @@ def test_zero_new_tokens_returns_the_prompt(random_checkpoint):
     ],
 )
 def test_cli_bad_values_are_one_line_errors(capsys, random_checkpoint, args, fragment):
-    assert_user_error(run_main(capsys, "--ckpt", random_checkpoint, *args), fragment)
+    assert_user_error(run_main(main, capsys, "--ckpt", random_checkpoint, *args), fragment)
 
 
 def test_cli_stream_stop_and_no_cache_print_the_same_text(capsys, random_checkpoint):
     base = ["--ckpt", random_checkpoint, "--prompt", "ROMEO:", "--max_new_tokens", "150", "--seed", "4",
             "--top_p", "0.9"]
-    plain = run_main(capsys, *base)
+    plain = run_main(main, capsys, *base)
     assert plain.returncode == 0, plain.stderr
-    assert run_main(capsys, *base, "--stream").stdout == plain.stdout
-    assert run_main(capsys, *base, "--no_cache").stdout == plain.stdout
+    assert run_main(main, capsys, *base, "--stream").stdout == plain.stdout
+    assert run_main(main, capsys, *base, "--no_cache").stdout == plain.stdout
     text = plain.stdout[:-1]
     assert text.startswith("ROMEO:") and len(text) == 156
     # --stop takes escapes: a newline typed as \n
     generated = text[6:]
     if "\n" in generated:
-        stopped = run_main(capsys, *base, "--stop", "\\n", "--stream")
+        stopped = run_main(main, capsys, *base, "--stop", "\\n", "--stream")
         assert stopped.stdout == "ROMEO:" + generated[: generated.index("\n")] + "\n"
     stop = generated[20:23]
-    stopped = run_main(capsys, *base, "--stop", stop)
+    stopped = run_main(main, capsys, *base, "--stop", stop)
     assert stopped.stdout == "ROMEO:" + generated[: generated.index(stop)] + "\n"
 
 
