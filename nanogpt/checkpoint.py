@@ -116,8 +116,8 @@ def remove_stale_temp_files(directory: Union[str, Path]) -> list[Path]:
     return stale
 
 
-def read_checkpoint(path: Union[str, Path], map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
-    """Loads a training checkpoint safely; any unreadable, unsafe or foreign file is a NanoGPTError naming it."""
+def safe_load(path: Union[str, Path], map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """torch.load(weights_only=True): never runs code; an unreadable, empty, damaged or unsafe file is a NanoGPTError."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -137,6 +137,12 @@ def read_checkpoint(path: Union[str, Path], map_location: Any = "cpu", mmap: boo
         raise NanoGPTError(
             f"checkpoint {path} is corrupt or truncated and cannot be read ({type(e).__name__})"
         ) from None
+    return ckpt
+
+
+def read_checkpoint(path: Union[str, Path], map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Loads a training checkpoint safely; any unreadable, unsafe or foreign file is a NanoGPTError naming it."""
+    ckpt = safe_load(path, map_location, mmap)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict) or "global_step" not in ckpt:
         raise NanoGPTError(f"{path} is not a nanogpt training checkpoint (no state_dict and global_step)")
     return ckpt

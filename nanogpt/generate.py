@@ -8,14 +8,13 @@
 from __future__ import annotations
 
 import argparse
-import pickle
 import sys
-import zipfile
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 
+from nanogpt.checkpoint import safe_load
 from nanogpt.errors import NanoGPTError
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.tokenizer import CharTokenizer, describe_chars
@@ -40,13 +39,7 @@ def load_checkpoint(path: str, device: str = "cpu") -> tuple[GPT, CharTokenizer]
     Loading never runs code from the file: torch.load(weights_only=True) takes plain data only.
     """
     file = resolve_checkpoint(path)
-    try:
-        ckpt = torch.load(file, map_location=device, weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
-        raise NanoGPTError(f"refusing to load {file}: it holds more than plain tensors and data ({first})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, IndexError, zipfile.BadZipFile) as e:
-        raise NanoGPTError(f"checkpoint {file} is corrupt or truncated and cannot be read ({type(e).__name__})") from None
+    ckpt = safe_load(file, map_location=device, mmap=True)  # an unsafe or damaged file: one error naming it
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "tokenizer" not in ckpt:
         raise NanoGPTError(f"{file} is not a nanogpt checkpoint (no state_dict and tokenizer); pass one written by train.py")
     config = GPTConfig.from_dict(ckpt.get("hyper_parameters", {}))
