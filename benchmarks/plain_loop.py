@@ -72,8 +72,8 @@ def train_plain(
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(
-        groups, lr=s.learning_rate, betas=(s.beta1, s.beta2), fused=device.type == "cuda"
+    optimizer = torch.optim.AdamW(  # fused, as GPTModule's wherever torch has the kernel (CPU and CUDA)
+        groups, lr=s.learning_rate, betas=(s.beta1, s.beta2), fused=device.type in ("cuda", "cpu")
     )
     schedule = partial(
         warmup_cosine, warmup_steps=s.warmup_steps, decay_steps=s.decay_steps, min_ratio=s.min_lr / s.learning_rate
@@ -95,7 +95,7 @@ def train_plain(
             _, loss = forward(x, y)
         loss.backward()
         if s.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, s.grad_clip, foreach=True)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

@@ -28,7 +28,7 @@ from nanogpt.distributed import apply_ddp_defaults, plan_batch
 from nanogpt.errors import NanoGPTError
 from nanogpt.fault import FaultTolerance, TrainingInterrupted
 from nanogpt.module import GPTModule
-from nanogpt.monitor import LogLines, RunCSVLogger, RunTensorBoardLogger, StepProgressBar, TrainingMonitor
+from nanogpt.monitor import LogLines, NoProfiler, RunCSVLogger, RunTensorBoardLogger, StepProgressBar, TrainingMonitor
 
 # Trainer settings that suit step-based GPT training; a config file or flag overrides each.
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -177,6 +177,8 @@ class GPTLightningCLI(LightningCLI):
             every = max(1, trainer_config.get("log_every_n_steps") or TRAINER_DEFAULTS["log_every_n_steps"])
             callbacks.append(StepProgressBar(refresh_rate=every))
         kwargs["callbacks"] = callbacks
+        if trainer_config.get("profiler") is None:
+            kwargs["profiler"] = NoProfiler()
         plugins = trainer_config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):

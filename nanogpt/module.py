@@ -10,11 +10,14 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.distributed.fsdp import FullyShardedDataParallel
 from torchmetrics import MeanMetric
 
 from nanogpt.checkpoint import capture_rng_state, check_resume_config, restore_rng_state
 from nanogpt.errors import NanoGPTError
+from nanogpt.fault import NonFiniteGuard
 from nanogpt.model import GPT, GPTConfig
+from nanogpt.monitor import write_step_scalars
 from nanogpt.tokenizer import CharTokenizer
 
 
@@ -90,31 +93,45 @@ class GPTModule(L.LightningModule):
         self.val_loss = MeanMetric()
         self._loss_step, self._loss_count, self._loss_sum = -1, 0, torch.zeros(())  # see _global_batch_loss
         self.tokenizer: Optional[CharTokenizer] = None
-        # RNG states at the last step boundary, and states to put back before the next step (see on_train_batch_start)
-        self._step_rng: Optional[dict[str, Any]] = None
-        self._pending_rng: Optional[dict[str, Any]] = None
+        # the step's total gradient norm before clipping, a device tensor (train/grad_norm, the non-finite guard)
+        self.grad_norm: Optional[torch.Tensor] = None
+        self._trained_params: list[torch.nn.Parameter] = []  # set in configure_optimizers
+        self.nonfinite = NonFiniteGuard()  # read by FaultTolerance every log interval and before each checkpoint
+        # training scalars of a logging step, from the module and the callbacks, written together at its end
+        self.step_scalars: dict[str, Any] = {}
+        # the RNG states at the step boundary where validation began, put back before the next step
+        # (see on_validation_start); None while training draws on undisturbed
+        self._boundary_rng: Optional[dict[str, Any]] = None
 
     def forward(
         self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         return self.model(idx, targets)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning sets _current_fx_name before and after every hook it calls, some 30 times a step; it is never a
+        # parameter, buffer or submodule, so nn.Module's bookkeeping (about 1.6 us a call) can be skipped
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch  # (B, T), (B, T)
         _, loss = self.model(x, y)
-        mean = self._global_batch_loss(loss)  # device tensor; a collective only on logging steps under DDP
+        self.nonfinite.see_loss(loss)  # on the device: no sync
         if self._is_logging_step():
-            # CPU values: Lightning reads progress-bar values with .item() after every batch, which on a GPU
-            # would wait for the whole step; this copy waits only on logging steps (every log_every_n_steps)
-            self.log("train/loss", mean.detach().float().cpu(), prog_bar=True)
-            self.log("train/lr", torch.tensor(self.optimizers().param_groups[0]["lr"]))
+            # Only on logging steps (every log_every_n_steps): nothing here waits for the device on other steps.
+            # The scalars are written in on_train_batch_end, in one go with the callbacks' (see write_step_scalars)
+            self.step_scalars["train/loss"] = self._global_batch_loss(loss)
+            self.step_scalars["train/lr"] = self.optimizers().param_groups[0]["lr"]
         return loss
 
     def _global_batch_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The mean loss over the optimizer step's micro-batches so far; on steps the logger writes, over all ranks.
 
         So train/loss is the loss of the whole global batch on any number of devices and accumulation steps,
-        at the cost of one scalar all-reduce every log_every_n_steps steps.
+        at the cost of one scalar all-reduce every log_every_n_steps steps. Called on logging steps only.
         """
         if self._loss_step != self.global_step:  # the first micro-step of an optimizer step
             self._loss_sum, self._loss_count, self._loss_step = torch.zeros_like(loss.detach()), 0, self.global_step
@@ -125,6 +142,12 @@ class GPTModule(L.LightningModule):
         if trainer.world_size > 1 and (self.global_step + 1) % trainer.log_every_n_steps == 0:
             mean = trainer.strategy.reduce(mean, reduce_op="mean")  # every rank takes this branch together
         return mean
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # after every callback's on_train_batch_end, so their scalars of this step are in step_scalars too
+        if self.step_scalars and not self.trainer.fit_loop._should_accumulate():
+            write_step_scalars(self.trainer, self.step_scalars)
+            self.step_scalars = {}
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
@@ -143,11 +166,14 @@ class GPTModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         params = [p for p in self.model.parameters() if p.requires_grad]
+        self._trained_params = params  # for clipping every step (walking the module tree each time costs ~0.1 ms)
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": hp.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},  # biases and LayerNorm gains
         ]
-        fused = self.device.type == "cuda"
+        # fused: one kernel for all tensors (3-5x faster than the per-tensor loop on a CPU too), and it can skip a
+        # step with non-finite gradients on the device (NonFiniteGuard) where others would need a host sync
+        fused = self.device.type in ("cuda", "cpu")
         optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(hp.beta1, hp.beta2), fused=fused)
         decay_steps = hp.decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else 5000)
         schedule = partial(
@@ -158,6 +184,34 @@ class GPTModule(L.LightningModule):
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: Optional[float] = None,
+        gradient_clip_algorithm: Optional[str] = None,
+    ) -> None:
+        """Clips to Trainer(gradient_clip_val) by the global norm, and keeps that norm (before clipping).
+
+        Lightning's own clipping throws the norm away; here it is computed once and serves three jobs: clipping,
+        train/grad_norm (TrainingMonitor) and the non-finite guard, all without reading it back to the host.
+        Under FSDP the gradients are sharded, so FSDP's own clip_grad_norm_ computes the norm over all ranks
+        (Lightning refuses norm clipping with FSDP for that reason).
+        """
+        if gradient_clip_algorithm not in (None, "norm"):  # clipping by value: Lightning's way, the norm aside
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        wrapped = self.trainer.model
+        clip = gradient_clip_val if gradient_clip_val and gradient_clip_algorithm in (None, "norm") else None
+        if isinstance(wrapped, FullyShardedDataParallel):
+            self.grad_norm = wrapped.clip_grad_norm_(clip if clip is not None else float("inf"))
+        elif clip is not None:
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self._trained_params, clip, foreach=True)
+        else:
+            grads = [p.grad for p in self._trained_params if p.grad is not None]
+            self.grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        # with fp16 a GradScaler skips steps with inf gradients by design: leave those to it
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        self.nonfinite.see_step(optimizer, self.grad_norm, self.global_step, check_grads=scaler is None)
 
     def configure_model(self) -> None:
         if self.hparams.compile:
@@ -192,27 +246,24 @@ class GPTModule(L.LightningModule):
                     step=self.global_step,
                 )
 
-    # Exact resume: dropout draws from the global RNGs. Their state is taken after every forward pass (the last
-    # draw of a step: backward and AdamW draw nothing, and callbacks that checkpoint at batch end run before the
-    # module's own batch-end hook) and put back at the start of the next step after anything else may have drawn
-    # from them (validation, a resume), so the training stream of random numbers depends only on the steps taken,
-    # and a checkpoint carries it exactly.
+    # Exact resume: dropout draws from the global RNGs, so a checkpoint carries their state at its step boundary.
+    # Between two training steps only validation (and the text sample after it) might draw from them: their state
+    # is taken where validation starts and put back before the next step, so the training stream of random numbers
+    # depends only on the steps taken. Any other save happens at a step boundary with nothing drawn since (backward
+    # and AdamW draw nothing), and takes the state as it is. Nothing is captured on ordinary steps.
+    def on_validation_start(self) -> None:
+        if self._boundary_rng is None:  # (already set after a resume: the checkpoint's state is the one to keep)
+            self._boundary_rng = capture_rng_state()
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self._pending_rng is not None:
-            restore_rng_state(self._pending_rng)
-            self._pending_rng = None
-
-    def on_before_backward(self, loss: torch.Tensor) -> None:
-        self._step_rng = capture_rng_state()
-
-    def on_validation_end(self) -> None:
-        if self._step_rng is not None:
-            self._pending_rng = self._step_rng  # validation's draws must not shift the training stream
+        if self._boundary_rng is not None:
+            restore_rng_state(self._boundary_rng)
+            self._boundary_rng = None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.tokenizer is not None:
             checkpoint["tokenizer"] = self.tokenizer.to_dict()
-        state = self._step_rng if self._step_rng is not None else capture_rng_state()
+        state = self._boundary_rng if self._boundary_rng is not None else capture_rng_state()
         if dist.is_available() and dist.is_initialized() and self.trainer.world_size > 1:
             states: list[Any] = [None] * self.trainer.world_size
             dist.all_gather_object(states, state)  # every rank's own stream, by global rank
@@ -228,7 +279,7 @@ class GPTModule(L.LightningModule):
         trainer = self._trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         if states and len(states) == world:
-            self._pending_rng = states[rank]
+            self._boundary_rng = states[rank]
         elif states:
             rank_zero_warn(
                 f"the checkpoint holds RNG states for {len(states)} processes but this run has {world}: "

@@ -22,6 +22,7 @@ from nanogpt.checkpoint import (
     config_differences,
     pick_resume_checkpoint,
     read_checkpoint,
+    step_checkpoint_name,
 )
 from nanogpt.errors import NanoGPTError
 from tests.conftest import REPO, TINY_CONFIG, assert_user_error, read_scalars, run_script
@@ -40,10 +41,11 @@ ARGS = [
 
 
 class PoisonWeights(Callback):
-    """Test helper loaded by train.py through --config: fills a weight with NaN at one step.
+    """Test helper loaded by train.py through --config: fills a weight (or a gradient) with NaN at one step.
 
     when="start": before that step's forward, so its loss is NaN; when="end": after that step's update, so the
-    weights are NaN while the step's loss was finite.
+    weights are NaN while the step's loss was finite; when="grad": a gradient after that step's backward, so the
+    loss and the weights are finite and only the update would have spread the NaN.
     """
 
     def __init__(self, step: int, when: str = "start") -> None:
@@ -62,6 +64,10 @@ class PoisonWeights(Callback):
         if self.when == "end" and trainer.global_step == self.step + 1:
             with torch.no_grad():
                 next(pl_module.parameters()).fill_(float("nan"))
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if self.when == "grad" and trainer.global_step == self.step:
+            next(pl_module.parameters()).grad.fill_(float("nan"))
 
 
 class Payload:
@@ -222,7 +228,7 @@ def test_nan_stops_the_run_and_never_reaches_a_checkpoint(nanogpt_cache, tmp_pat
     run = tmp_path / "run"
     result = train(run, nanogpt_cache, "--config", poison)
     if when == "start":  # the loss of step 29 is NaN: stopped before its backward pass
-        assert_user_error(result, "training loss became nan at step 29", "--ckpt_path last")
+        assert_user_error(result, "training loss or its gradients became NaN or inf at step 29", "--ckpt_path last")
     else:  # the step-30 update gave NaN weights: refused at the step-30 checkpoint
         assert_user_error(result, "weights became non-finite at step 30", "were not saved")
     ckpts = run / "checkpoints"
@@ -234,6 +240,65 @@ def test_nan_stops_the_run_and_never_reaches_a_checkpoint(nanogpt_cache, tmp_pat
         resumed = train(run, nanogpt_cache, resume=True)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert load(ckpts / "last.ckpt")["global_step"] == MAX_STEPS
+
+
+@pytest.mark.slow
+def test_a_nan_gradient_is_skipped_on_the_device_and_stops_the_run_at_the_next_checkpoint(nanogpt_cache, tmp_path):
+    # logged every 10 steps, so the non-finite flag is read at steps 10, 20, 30... and before every checkpoint:
+    # the NaN gradient of step 21 is found by the save after the validation at step 25, which is refused
+    poison = tmp_path / "poison.yaml"
+    poison.write_text(
+        "trainer:\n  callbacks:\n    - class_path: tests.test_resume.PoisonWeights\n"
+        "      init_args: {step: 21, when: grad}\n",
+        encoding="utf-8",
+    )
+    run = tmp_path / "run"
+    result = train(run, nanogpt_cache, "--config", poison, "--trainer.log_every_n_steps", "10")
+    assert_user_error(result, "became NaN or inf at step 21", "no checkpoint was written after it")
+    ckpts = run / "checkpoints"
+    assert load(ckpts / "last.ckpt")["global_step"] == 20  # the step checkpoint before the bad step
+    assert not (ckpts / "best.ckpt").exists()  # the validation at step 25 came after it: nothing saved
+    assert {p.name for p in ckpts.glob("*.ckpt")} == {"last.ckpt", step_checkpoint_name(10), step_checkpoint_name(20)}
+    for path in ckpts.glob("*.ckpt"):
+        assert all(torch.isfinite(t).all() for t in load(path)["state_dict"].values()), path
+
+
+def test_fused_adamw_skips_a_step_with_nan_gradients_on_the_device(tmp_path, shakespeare_text):
+    """In process, every step: the poisoned step leaves weights and AdamW state as they were; the others move them."""
+    import lightning as L
+
+    from nanogpt.data import CharDataModule
+    from nanogpt.fault import FaultTolerance, NonFiniteLossError
+    from nanogpt.module import GPTModule
+
+    class Watch(Callback):
+        def __init__(self):
+            self.changed = {}  # step -> whether the weights changed over it
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.before = [p.detach().clone() for p in pl_module.parameters()]
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            after = list(pl_module.parameters())
+            self.changed[trainer.global_step - 1] = any(not torch.equal(a, b) for a, b in zip(self.before, after))
+            self.adam_steps = {int(s["step"]) for s in trainer.optimizers[0].state.values()}
+
+    f = tmp_path / "corpus.txt"
+    f.write_text(shakespeare_text[:20000], encoding="utf-8")
+    dm = CharDataModule(source=str(f), block_size=16, batch_size=4, val_blocks=4, cache_dir=str(tmp_path / "c"))
+    model = GPTModule(vocab_size=dm.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
+    watch = Watch()
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=20, log_every_n_steps=5, limit_val_batches=0, enable_progress_bar=False,
+        enable_checkpointing=False, enable_model_summary=False, logger=False, default_root_dir=tmp_path,
+        gradient_clip_val=1.0, callbacks=[PoisonWeights(step=3, when="grad"), watch, FaultTolerance()],
+    )
+    with pytest.raises(NonFiniteLossError, match="at step 3;"):
+        trainer.fit(model, datamodule=dm)
+    assert trainer.optimizers[0].defaults["fused"]  # the fused AdamW, on the CPU too
+    assert watch.changed == {0: True, 1: True, 2: True, 3: False, 4: True}  # found at the log step after step 4
+    assert watch.adam_steps == {4}  # five steps taken, one skipped: AdamW's step count did not move either
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 # ---- 5. kill -9 at random moments ---------------------------------------------------------------------------------
