@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,6 +21,7 @@ class RunCheckpoint(ModelCheckpoint):
     `last.ckpt` is also written every `every_n_steps` optimizer steps, and each write of it is kept as
     `step-<N>.ckpt` (a hard link, no second write) for the `keep_last_k` newest steps, so an older good
     checkpoint survives whatever happens to the newest. Weights holding NaN or inf are never saved.
+    A run dir that was moved or copied resumes into its own best.ckpt and last.ckpt (see load_state_dict).
 
     Args:
         every_n_steps: also checkpoint every this many optimizer steps (None: only at validations and the end).
@@ -79,6 +81,52 @@ class RunCheckpoint(ModelCheckpoint):
             # best.ckpt has not been judged at this step: a validation at this step must still do so
             self._last_global_step_saved = judged
         return self.last_model_path
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        stored = state_dict.get("dirpath")
+        if stored and self.dirpath and stored != self.dirpath:
+            state_dict = self._moved_here(state_dict)
+        super().load_state_dict(state_dict)
+
+    def _moved_here(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The stored state of a run dir that was moved or copied, with its paths in this run's checkpoint dir.
+
+        The state holds absolute paths. Given another dir, Lightning restores only best_model_path (still the old
+        one) and drops the best score and last.ckpt's path, so its next saves avoid the files of the same names
+        here and write best-v1.ckpt and last-v1.ckpt, and best.ckpt is replaced by any val/loss. Pointing every path
+        at the file of the same name here continues this dir's own files and score, and leaves nothing that could
+        write into or delete from the old dir. A file that is not here (only some files were copied, or the run
+        resumes another run's checkpoint in a new dir) is dropped with its score: this dir's best is judged afresh.
+        """
+
+        def here(path: str) -> str:
+            moved = os.path.join(self.dirpath, os.path.basename(path)) if path else ""
+            # every rank looks: the run dir is on a file system all ranks see (multi-node runs need that anyway)
+            return moved if moved and self._fs.isfile(moved) else ""
+
+        best_k_models = {}
+        for path, score in state.get("best_k_models", {}).items():
+            if moved_path := here(path):
+                best_k_models[moved_path] = score
+        if best_k_models:  # the best of those here (with save_top_k 1, best.ckpt itself), as Lightning picks it
+            pick = min if self.mode == "min" else max
+            best_model_path = pick(best_k_models, key=best_k_models.get)
+            best_model_score = best_k_models[best_model_path]
+        else:
+            best_model_path, best_model_score = here(state.get("best_model_path", "")), None
+        kth = here(state.get("kth_best_model_path", ""))
+        moved = {
+            **state,
+            "dirpath": self.dirpath,
+            "best_k_models": best_k_models,
+            "best_model_path": best_model_path,
+            "best_model_score": best_model_score,
+            "kth_best_model_path": kth if kth in best_k_models else "",
+            "last_model_path": here(state.get("last_model_path", "")),
+        }
+        if not moved["kth_best_model_path"]:
+            moved.pop("kth_value", None)  # no k-th model here: keep the initial value (inf when minimising)
+        return moved
 
     @property
     def state_key(self) -> str:

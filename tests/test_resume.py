@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -448,3 +451,106 @@ def test_resuming_with_another_model_shape_lists_the_fields(straight, nanogpt_ca
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
     result = train(run, nanogpt_cache, "--model.learning_rate", "1e-3", resume=True, max_steps=80)
     assert_user_error(result, "cannot change on resume", "learning_rate: 0.003 -> 0.001")
+
+
+# ---- 9. a moved or copied run dir -------------------------------------------------------------------------------
+
+
+def _files(run: Path) -> dict[str, str]:
+    """Every file under run, by relative path, with its sha256: equal snapshots mean not a byte changed."""
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run.rglob("*"))
+            if p.is_file()}
+
+
+def _checkpoint_state(path: Path) -> dict:
+    """The RunCheckpoint state stored in a checkpoint: paths, best score."""
+    (state,) = [v for k, v in load(path)["callbacks"].items() if k.startswith("RunCheckpoint")]
+    return state
+
+
+def _versioned(*dirs: Path) -> list[Path]:
+    """best-v1.ckpt, last-v2.ckpt, ...: what Lightning writes beside a file it does not think is its own."""
+    return [p for d in dirs for p in d.rglob("*.ckpt") if re.search(r"-v\d+\.ckpt$", p.name)]
+
+
+def _claim_best_score(ckpt_path: Path, score: float) -> None:
+    """Rewrites the best val/loss stored in a checkpoint: a score no validation of this tiny run reaches, so a
+    resumed run that kept it must never replace best.ckpt (its real validations only improve on the stored one)."""
+    ckpt = load(ckpt_path)
+    (key,) = [k for k in ckpt["callbacks"] if k.startswith("RunCheckpoint")]
+    state = ckpt["callbacks"][key]
+    state["best_model_score"] = torch.tensor(score)
+    state["kth_value"] = torch.tensor(score)
+    state["best_k_models"] = {path: torch.tensor(score) for path in state["best_k_models"]}
+    torch.save(ckpt, ckpt_path)
+
+
+@pytest.mark.slow
+def test_a_copied_run_dir_resumes_into_its_own_checkpoints(straight, nanogpt_cache, tmp_path):
+    original = _files(straight)
+    copy = tmp_path / "copy"
+    shutil.copytree(straight, copy)  # cp -r
+    result = train(copy, nanogpt_cache, resume=True, max_steps=110)  # validations at 75 and 100
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    ckpts = copy / "checkpoints"
+    assert not _versioned(straight, copy)
+    # last.ckpt and best.ckpt continued, the step links made here: keep_last_k 2 dropped the copied 50 and 60
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "best.ckpt", "last.ckpt", "step-00000100.ckpt", "step-00000110.ckpt"
+    ]
+    assert load(ckpts / "last.ckpt")["global_step"] == 110
+    assert os.path.samefile(ckpts / "step-00000110.ckpt", ckpts / "last.ckpt")  # a hard link, not a second write
+    assert load(ckpts / "step-00000100.ckpt")["global_step"] == 100
+    # the best over the whole run, the two validations before the copy included, is best.ckpt's
+    val = read_scalars(copy)["val/loss"]
+    assert [s for s, _ in val] == [24, 49, 74, 99]
+    best_step, best_loss = min(val, key=lambda sv: sv[1])
+    assert load(ckpts / "best.ckpt")["global_step"] == best_step + 1
+    state = _checkpoint_state(ckpts / "last.ckpt")
+    assert float(state["best_model_score"]) == pytest.approx(best_loss, abs=1e-6)
+    # every stored path is this run's: a later resume of the copy never reaches back into the original
+    paths = [state["dirpath"], state["best_model_path"], state["last_model_path"], state["kth_best_model_path"],
+             *state["best_k_models"]]
+    assert all(Path(p).parent == ckpts.resolve() or p == str(ckpts.resolve()) for p in paths), paths
+    assert _files(straight) == original  # the original run is untouched, byte for byte
+
+
+@pytest.mark.slow
+def test_a_moved_run_dir_keeps_its_best_score(straight, nanogpt_cache, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    _claim_best_score(run / "checkpoints" / "last.ckpt", 0.5)
+    best = (run / "checkpoints" / "best.ckpt").read_bytes()
+    moved = tmp_path / "moved"
+    run.rename(moved)  # mv
+    result = train(moved, nanogpt_cache, resume=True, max_steps=85)  # one validation, at 75, far above 0.5
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    ckpts = moved / "checkpoints"
+    assert not _versioned(tmp_path)
+    assert (ckpts / "best.ckpt").read_bytes() == best  # not replaced by a worse val/loss
+    assert load(ckpts / "last.ckpt")["global_step"] == 85
+    state = _checkpoint_state(ckpts / "last.ckpt")
+    assert float(state["best_model_score"]) == 0.5
+    assert state["best_model_path"] == str((ckpts / "best.ckpt").resolve())
+    assert not run.exists()  # nothing was written at the old place
+
+
+@pytest.mark.slow
+def test_resuming_another_runs_checkpoint_in_a_new_dir_judges_its_best_afresh(straight, nanogpt_cache, tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(straight, source)
+    _claim_best_score(source / "checkpoints" / "last.ckpt", 0.5)
+    before = _files(source)
+    finetuned = tmp_path / "finetuned"  # the README's fine-tuning: another run's checkpoint, a new run dir
+    result = train(finetuned, nanogpt_cache, "--ckpt_path", source / "checkpoints" / "last.ckpt", max_steps=85)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    # the source's score belongs to the source's best.ckpt, which is not here: this dir gets its own best
+    ckpts = finetuned / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best.ckpt", "last.ckpt", "step-00000080.ckpt", "step-00000085.ckpt"]
+    assert load(ckpts / "best.ckpt")["global_step"] == 75
+    (val,) = read_scalars(finetuned)["val/loss"]
+    assert float(_checkpoint_state(ckpts / "last.ckpt")["best_model_score"]) == pytest.approx(val[1], abs=1e-6)
+    assert _files(source) == before
