@@ -21,6 +21,13 @@ from nanogpt.monitor import write_step_scalars
 from nanogpt.tokenizer import CharTokenizer
 
 
+def _plain_name(name: str) -> str:
+    """A parameter's name without the wrappers FSDP, activation checkpointing or torch.compile put in its path."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name
+
+
 def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
     """LR multiplier at an optimizer step: linear warmup, then cosine decay to min_ratio, then flat."""
     if step < warmup_steps:
@@ -90,6 +97,9 @@ class GPTModule(L.LightningModule):
                 f"need 0 <= model.min_lr <= model.learning_rate and learning_rate > 0, got {min_lr} and {learning_rate}"
             )
         self.model = GPT(self.config)
+        # weight decay for matrices and embeddings, not biases and LayerNorm gains: decided on the true shapes now,
+        # by name, because under FSDP configure_optimizers sees parameters flattened into 1-D shards
+        self._decayed = {name for name, p in self.model.named_parameters() if p.dim() >= 2}
         self.val_loss = MeanMetric()
         self._loss_step, self._loss_count, self._loss_sum = -1, 0, torch.zeros(())  # see _global_batch_loss
         self.tokenizer: Optional[CharTokenizer] = None
@@ -165,11 +175,11 @@ class GPTModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self._trained_params = params  # for clipping every step (walking the module tree each time costs ~0.1 ms)
+        named = [(_plain_name(name), p) for name, p in self.model.named_parameters() if p.requires_grad]
+        self._trained_params = [p for _, p in named]  # for clipping every step (a module walk costs ~0.1 ms)
         groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": hp.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},  # biases and LayerNorm gains
+            {"params": [p for name, p in named if name in self._decayed], "weight_decay": hp.weight_decay},
+            {"params": [p for name, p in named if name not in self._decayed], "weight_decay": 0.0},
         ]
         # fused: one kernel for all tensors (3-5x faster than the per-tensor loop on a CPU too), and it can skip a
         # step with non-finite gradients on the device (NonFiniteGuard) where others would need a host sync

@@ -13,6 +13,7 @@ from nanogpt.data import CharDataModule, sample_rank_batch
 from nanogpt.distributed import DDP_DEFAULTS, BatchPlan, GPTFSDPStrategy, plan_batch
 from nanogpt.errors import NanoGPTError
 from nanogpt.model import GPT, Block, GPTConfig
+from nanogpt.module import GPTModule
 from tests.conftest import REPO, TINY_CONFIG
 
 # LightningCLI warns that pytest's own argv is there too: it reads only the args it is given
@@ -119,6 +120,33 @@ def test_datamodule_applies_the_plan_to_its_trainer(tmp_path, shakespeare_text):
     x, _ = next(iter(dm.train_dataloader()))
     assert x.shape == (3, 32)
     assert [len(b[0]) for b in dm.val_dataloader()] == [3, 3, 3, 1]  # validation runs in micro-batches too
+
+
+def _decay_groups(module):
+    import lightning as L
+
+    module.trainer = L.Trainer(accelerator="cpu", max_steps=10, logger=False, enable_checkpointing=False)
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    return [(g["weight_decay"], sum(p.numel() for p in g["params"])) for g in groups]
+
+
+def test_weight_decay_groups_survive_fsdp_flattening_and_wrapper_names():
+    # under FSDP, configure_optimizers sees each Block inside wrappers (FSDP, activation checkpointing) and its
+    # parameters as 1-D shards: the groups must still be the plain model's, matrices and embeddings decayed
+    kw = dict(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=16, weight_decay=0.1)
+    plain, wrapped = GPTModule(**kw), GPTModule(**kw)
+    blocks = wrapped.model.transformer.h
+    for i, block in enumerate(list(blocks)):
+        inner, outer = torch.nn.Module(), torch.nn.Module()
+        inner.add_module("_checkpoint_wrapped_module", block)
+        outer.add_module("_fsdp_wrapped_module", inner)
+        blocks[i] = outer
+    for p in wrapped.parameters():
+        p.data = p.data.reshape(-1)  # what FSDP's use_orig_params views look like outside forward
+    matrices = sum(p.numel() for p in plain.model.parameters() if p.dim() >= 2)
+    vectors = sum(p.numel() for p in plain.model.parameters() if p.dim() < 2)
+    assert _decay_groups(plain) == [(0.1, matrices), (0.0, vectors)]
+    assert _decay_groups(wrapped) == [(0.1, matrices), (0.0, vectors)]
 
 
 def test_fsdp_config_wraps_each_block_and_is_gpt2_xl_sized():
