@@ -35,6 +35,8 @@ def test_harness_prints_both_figures_as_its_last_line(benchmarks, capsys):
     assert last["ratio"] == pytest.approx(last["ours_tokens_per_s"] / last["plain_tokens_per_s"], rel=1e-3)
     assert last["device"] == "cpu" and last["config"] == str(TINY_CONFIG)
     assert len(last["ours_runs"]) == len(last["plain_runs"]) == 1
+    pair = last["ours_runs"][0] / last["plain_runs"][0]
+    assert last["paired_ratios"] == [pytest.approx(pair, rel=1e-3)] and last["paired_ratio_median"] == pytest.approx(pair, rel=1e-3)
     assert last["ours_cpu_ms_per_step"] > 0 and last["plain_cpu_ms_per_step"] > 0
     # the same weights, batches and optimizer on both sides: the same loss after the same 8 steps
     assert last["ours_final_loss"] == pytest.approx(last["plain_final_loss"], rel=1e-5)

@@ -8,7 +8,7 @@ import torch
 from nanogpt.data import CharDataModule, sample_batch, sample_rank_batch, tokens_fit_on_device, tokens_to_device
 from nanogpt.module import GPTModule
 from nanogpt.monitor import TrainingMonitor
-from tests.conftest import read_scalars
+from tests.conftest import TINY_CONFIG, read_scalars
 
 
 @pytest.mark.parametrize("dtype, vocab", [(np.uint8, 65), (np.uint16, 1000)])
@@ -128,3 +128,54 @@ def test_compiled_model_never_recompiles_after_the_first_validation(tmp_path, sh
     assert first >= 3  # training, evaluation, and evaluation of the smaller last batch
     assert graphs.after_validation == [first] * 3  # and nothing was compiled again
     torch._dynamo.reset()
+
+
+class _CountReads(L.Callback):
+    """Counts, per training step, the calls that read a tensor's value on the host: on a GPU each one is a sync.
+
+    On a CPU nothing waits, but the calls are the same as on a GPU, so counting them is the CPU twin of checking
+    that a GPU step never waits for the device.
+    """
+
+    READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+    def __init__(self, monkeypatch):
+        self.per_step = {}
+        self._step = None
+        for name in self.READS:
+            original = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _original=original, **kwargs):
+                if self._step is not None:
+                    self.per_step[self._step] = self.per_step.get(self._step, 0) + 1
+                return _original(tensor, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._step = trainer.global_step
+        self.per_step.setdefault(self._step, 0)
+
+    # a step's window runs to the next step's start: its batch-end hooks (the module's, the checkpoint callback's)
+    # run after this callback's, and the next batch is fetched in between
+    def on_train_end(self, trainer, pl_module):
+        self._step = None
+
+
+def test_a_training_step_reads_nothing_back_from_the_device_except_on_logging_steps(tmp_path, monkeypatch):
+    # the real training path (train.py's CLI: monitor, fault tolerance, checkpoints, progress bar); no validation
+    # in the window, logging every 5 steps
+    from nanogpt.cli import GPTLightningCLI
+
+    cli = GPTLightningCLI([
+        "--config", str(TINY_CONFIG), "--trainer.max_steps", "20", "--trainer.val_check_interval", "1000",
+        "--trainer.log_every_n_steps", "5", "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--trainer.enable_progress_bar", "true",
+    ])
+    reads = _CountReads(monkeypatch)
+    cli.trainer.callbacks.append(reads)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    logging = {4, 9, 14, 19}  # the steps whose scalars are written (and whose non-finite flags are read)
+    assert set(reads.per_step) == set(range(20))
+    assert {s for s, n in reads.per_step.items() if n} <= logging, reads.per_step
+    assert all(reads.per_step[s] > 0 for s in logging)  # the counter works: logging steps do read
