@@ -71,7 +71,7 @@ def is_log_step(trainer: L.Trainer) -> bool:
 
 
 # the training scalars a progress bar shows (as self.log(prog_bar=True) would mark them)
-PROGRESS_BAR_TAGS = ("train/loss", "train/tokens_per_sec")
+PROGRESS_BAR_TAGS = ("train/loss", "train/tokens_per_sec", "train/mfu")
 
 
 def write_step_scalars(trainer: L.Trainer, scalars: dict[str, Any]) -> None:
@@ -368,13 +368,18 @@ class StepProgressBar(TQDMProgressBar):
             bar.refresh()
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        shown = {"train/loss": "loss", "val/loss": "val_loss", "train/tokens_per_sec": "tok/s"}
+        shown = {"train/loss": "loss", "val/loss": "val_loss", "train/tokens_per_sec": "tok/s", "train/mfu": "mfu"}
         metrics = trainer.progress_bar_metrics
         out: dict[str, Any] = {}
         for tag, name in shown.items():
             if tag in metrics:
                 value = float(metrics[tag])
-                out[name] = format_count(value) if tag == "train/tokens_per_sec" else f"{value:.4f}"
+                if tag == "train/tokens_per_sec":
+                    out[name] = format_count(value)
+                elif tag == "train/mfu":
+                    out[name] = f"{100 * value:.1f}%"
+                else:
+                    out[name] = f"{value:.4f}"
         return out
 
 
@@ -425,6 +430,8 @@ class LogLines(Callback):
             parts.append(f"val_loss {float(m['val/loss']):.4f}")
         if "train/tokens_per_sec" in m:
             parts.append(f"{format_count(float(m['train/tokens_per_sec']))} tok/s")
+        if "train/mfu" in m:
+            parts.append(f"mfu {100 * float(m['train/mfu']):.1f}%")
         if "train/lr" in m:
             parts.append(f"lr {float(m['train/lr']):.2e}")
         elapsed = time.perf_counter() - self._start

@@ -21,7 +21,7 @@ import pytest
 
 from nanogpt.generate import load_checkpoint, sample
 from nanogpt.model import GPT, GPTConfig
-from nanogpt.monitor import TrainingMonitor, flops_per_token, format_count, format_duration, gpu_peak_tflops
+from nanogpt.monitor import StepProgressBar, TrainingMonitor, flops_per_token, format_count, format_duration, gpu_peak_tflops
 from nanogpt.errors import NanoGPTError
 from tests.conftest import TINY_CONFIG, assert_user_error, read_scalars, run_script
 
@@ -142,7 +142,7 @@ def test_tensorboard_shows_every_tag_and_a_resumed_run_continues_it(tmp_path):
     # --quiet: one line per log interval (10) and one per validation (2), no progress bar
     lines = [line for line in first.stdout.splitlines() if line.startswith("step ")]
     assert len(lines) == 12, first.stdout
-    assert lines[0].startswith("step 10/100 | loss ") and " tok/s | lr " in lines[0] and "| left " in lines[0]
+    assert lines[0].startswith("step 10/100 | loss ") and " tok/s | mfu " in lines[0] and "| left " in lines[0]
     assert any(line.startswith("step 50/100 | val/loss ") for line in lines)
     assert "step:" not in first.stderr and "it/s" not in first.stderr
     ckpt_100 = load_checkpoint(str(run / "checkpoints" / "last.ckpt"))
@@ -236,6 +236,7 @@ def test_csv_logger_and_progress_bar(tmp_path):
     assert "step: 100%" in bar and "40/40" in bar
     for name in ("loss=", "val_loss=", "tok/s="):
         assert name in bar
+    assert "mfu=" not in bar  # a CPU with no --monitor.peak_tflops: no MFU rather than a wrong one
     train(run, tmp_path, 60, "--ckpt_path", "last", *args)
     assert not list(run.glob("events.out.tfevents.*"))
     with open(run / "metrics.csv", newline="") as f:
@@ -294,3 +295,15 @@ def test_flops_per_token_matches_nanogpts_estimate():
 def test_formatting_for_progress_output():
     assert format_count(812) == "812" and format_count(12345) == "12.3k" and format_count(4.56e6) == "4.56M"
     assert format_duration(3725) == "1:02:05"
+
+
+def test_progress_bar_shows_mfu_only_where_it_is_logged():
+    from types import SimpleNamespace
+
+    bar = StepProgressBar()
+    logged = {"train/loss": 2.5, "train/tokens_per_sec": 12345.0, "train/mfu": 0.4567, "val/loss": 2.6}
+    assert bar.get_metrics(SimpleNamespace(progress_bar_metrics=logged), None) == {
+        "loss": "2.5000", "val_loss": "2.6000", "tok/s": "12.3k", "mfu": "45.7%",
+    }
+    del logged["train/mfu"]  # a CPU, or a GPU whose peak is unknown
+    assert "mfu" not in bar.get_metrics(SimpleNamespace(progress_bar_metrics=logged), None)
