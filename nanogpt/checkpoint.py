@@ -134,6 +134,10 @@ def safe_load(path: Union[str, Path], map_location: Any = "cpu", mmap: bool = Fa
             f"({first[:160]})"
         ) from None
     except Exception as e:  # noqa: BLE001 - any other unpickler failure (IndexError, EOFError, ...) is a damaged file
+        if mmap:
+            # mmap reads only torch's zip format, and says little about why it failed: a full read tells an older
+            # format (which loads), an unsafe pickle (refused) and a damaged file (corrupt) apart
+            return safe_load(path, map_location, mmap=False)
         raise NanoGPTError(
             f"checkpoint {path} is corrupt or truncated and cannot be read ({type(e).__name__})"
         ) from None
@@ -158,8 +162,12 @@ def non_finite_tensors(state_dict: dict[str, Any]) -> list[str]:
 
 
 def check_resumable(path: Union[str, Path]) -> dict[str, Any]:
-    """read_checkpoint plus the checks resuming needs: finite weights and a training state to continue."""
-    ckpt = read_checkpoint(path)
+    """read_checkpoint plus the checks resuming needs: finite weights and a training state to continue.
+
+    Memory-mapped: only the weights are read (the optimizer state, two thirds of the file, stays on disk until
+    Lightning loads the checkpoint for real), so checking costs a fraction of a second load.
+    """
+    ckpt = read_checkpoint(path, mmap=True)
     bad = non_finite_tensors(ckpt["state_dict"])
     if bad:
         raise NanoGPTError(f"checkpoint {path} holds non-finite weights ({', '.join(bad[:3])}); resume from another")

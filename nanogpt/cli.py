@@ -64,7 +64,7 @@ def resolve_ckpt_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
     path = Path(ckpt_path)
     if not path.is_file():
         raise NanoGPTError(f"checkpoint {ckpt_path} does not exist; pass an existing .ckpt file or --ckpt_path last")
-    read_checkpoint(path)  # a corrupt, truncated, empty or unsafe file: one error naming it, now
+    read_checkpoint(path, mmap=True)  # a corrupt, truncated, empty or unsafe file: one error naming it, now
     return str(path)
 
 

@@ -371,13 +371,29 @@ def _damage(path: Path, how: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mmap", [False, True], ids=["read", "mmap"])
 @pytest.mark.parametrize("how", ["truncated", "empty", "garbage"])
-def test_a_damaged_checkpoint_is_named_and_never_loaded(straight, how, tmp_path):
+def test_a_damaged_checkpoint_is_named_and_never_loaded(straight, how, mmap, tmp_path):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes((straight / "checkpoints" / "last.ckpt").read_bytes())
     _damage(bad, how)
     with pytest.raises(NanoGPTError, match=f"{bad}.*(empty|corrupt or truncated)"):
-        read_checkpoint(bad)
+        read_checkpoint(bad, mmap=mmap)
+
+
+@pytest.mark.slow
+def test_checking_a_checkpoint_maps_it_and_still_reads_the_old_format(straight, tmp_path, monkeypatch):
+    loads = []  # the mmap argument of each torch.load the check makes
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: loads.append(kw.get("mmap")) or real_load(*a, **kw))
+    good = straight / "checkpoints" / "last.ckpt"
+    ckpt = check_resumable(good)
+    assert loads == [True]  # memory-mapped: only the weights it checks are read, and resume reads the file once
+    old = tmp_path / "old.ckpt"  # torch's pre-1.6 format, which mmap cannot map: then it is read whole
+    torch.save(real_load(good, weights_only=True), old, _use_new_zipfile_serialization=False)
+    loads.clear()
+    assert check_resumable(old)["global_step"] == ckpt["global_step"]
+    assert loads == [True, False]
 
 
 @pytest.mark.slow
