@@ -5,7 +5,8 @@ that is interrupted (SIGTERM) and resumed over a straight run.
 
 Save/load: a full training checkpoint of configs/shakespeare_char.yaml's model (weights, AdamW state, RNG
 states), written with AtomicCheckpointIO (temp file, fsync, rename) and with plain torch.save for comparison,
-and read with read_checkpoint (weights_only=True). Resume overhead: the tiny config run straight for
+and read with read_checkpoint (weights_only=True); "check" is check_resumable, the validation `--ckpt_path` runs
+before Lightning loads the file (memory-mapped: it reads the weights, not the optimizer state). Resume overhead: the tiny config run straight for
 --resume_steps steps, and the same run stopped by SIGTERM half way and resumed with --ckpt_path last.
 Prints one JSON line at the end.
 """
@@ -27,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from nanogpt.checkpoint import AtomicCheckpointIO, capture_rng_state, read_checkpoint  # noqa: E402
+from nanogpt.checkpoint import AtomicCheckpointIO, capture_rng_state, check_resumable, read_checkpoint  # noqa: E402
 from nanogpt.model import GPT, GPTConfig  # noqa: E402
 
 
@@ -43,6 +44,7 @@ def lecture_checkpoint() -> dict:
         "global_step": 1,
         "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
         "optimizer_states": [optimizer.state_dict()],
+        "loops": {},  # (a training checkpoint has the loop state; check_resumable looks for it)
         "rng_states": [capture_rng_state()],
         "hyper_parameters": GPTConfig().to_dict(),
     }
@@ -52,7 +54,7 @@ def time_save_load(directory: Path, repeats: int) -> dict:
     ckpt = lecture_checkpoint()
     io = AtomicCheckpointIO()
     path = directory / "last.ckpt"
-    atomic, plain, load = [], [], []
+    atomic, plain, load, check = [], [], [], []
     for _ in range(repeats):
         t = time.perf_counter()
         io.save_checkpoint(ckpt, path)
@@ -63,11 +65,15 @@ def time_save_load(directory: Path, repeats: int) -> dict:
         t = time.perf_counter()
         read_checkpoint(path)
         load.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        check_resumable(path)
+        check.append(time.perf_counter() - t)
     return {
         "checkpoint_mb": round(path.stat().st_size / 2**20, 1),
         "save_atomic_s": round(min(atomic), 3),
         "save_plain_torch_s": round(min(plain), 3),
         "load_s": round(min(load), 3),
+        "check_s": round(min(check), 3),
     }
 
 
