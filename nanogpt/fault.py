@@ -148,7 +148,8 @@ class FaultTolerance(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.signum, self._stopping = None, None
-        self._every = max(1, trainer.log_every_n_steps)
+        # read the non-finite flags where the logs are written (a sync there anyway); with logging off, every 100
+        self._every = trainer.log_every_n_steps if trainer.log_every_n_steps > 0 else 100
         for signum in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[signum] = signal.signal(signum, self._handle)
