@@ -183,10 +183,22 @@ class TrainingMonitor(Callback):
             peak = gpu_peak_tflops(torch.cuda.get_device_name(pl_module.device))
         self._peak_flops = peak * 1e12 * trainer.world_size if peak else None
 
-    def _tokens_per_step(self, trainer: L.Trainer) -> int:
-        """Tokens in one optimizer step over all devices: batch_size x block_size x accumulation x world size."""
+    @staticmethod
+    def _global_batch(trainer: L.Trainer) -> int:
+        """Sequences in one optimizer step over all devices and accumulation micro-steps.
+
+        data.batch_size is that global batch already (CharDataModule splits it into micro-batches); a data module
+        without a batch plan is taken to give each device batch_size sequences per micro-step.
+        """
         dm = trainer.datamodule
-        return dm.batch_size * dm.block_size * trainer.accumulate_grad_batches * trainer.world_size
+        plan = getattr(dm, "batch_plan", None)
+        if plan is not None:
+            return plan.global_batch
+        return dm.batch_size * trainer.accumulate_grad_batches * trainer.world_size
+
+    def _tokens_per_step(self, trainer: L.Trainer) -> int:
+        """Tokens in one optimizer step over all devices: the global batch x block_size."""
+        return self._global_batch(trainer) * trainer.datamodule.block_size
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.tokens_seen is None:  # a new run, or a checkpoint written before this callback existed
@@ -201,7 +213,7 @@ class TrainingMonitor(Callback):
 
         dm = trainer.datamodule
         num_params = pl_module.model.num_params()
-        global_batch = dm.batch_size * trainer.accumulate_grad_batches * trainer.world_size
+        global_batch = self._global_batch(trainer)
         params: dict[str, Any] = {f"model/{k}": v for k, v in pl_module.hparams.items() if not k.startswith("_")}
         params.update({f"data/{k}": getattr(dm, k) for k in ("source", "batch_size", "val_fraction", "val_blocks", "seed")})
         params.update(

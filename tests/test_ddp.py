@@ -137,6 +137,9 @@ def test_two_processes_train_like_one_with_the_same_global_batch(ddp_run, single
     # so the first-step losses agree and training stays together
     assert two["train/loss"][0][1] == pytest.approx(one["train/loss"][0][1], abs=1e-5)
     assert [s for s, _ in two["train/loss"]] == list(range(20))  # logged per optimizer step, not micro-step
+    # the global batch and the tokens trained are those of one process, not 2 devices x 2 micro-steps more
+    assert two["train/global_batch_size"] == one["train/global_batch_size"] == [(0, 16)]
+    assert two["train/tokens_seen"] == one["train/tokens_seen"][:20] == [(s, (s + 1) * 16 * 32) for s in range(20)]
     for (s2, v2), (s1, v1) in zip(two["train/loss"], one["train/loss"][:20]):
         assert s1 == s2 and v2 == pytest.approx(v1, abs=1e-4)
     assert [v for _, v in two["train/lr"]] == pytest.approx([v for _, v in one["train/lr"][:20]])  # same schedule

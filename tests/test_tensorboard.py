@@ -229,7 +229,9 @@ def test_tensorboard_shows_every_tag_and_a_resumed_run_continues_it(tmp_path):
 @pytest.mark.slow
 def test_csv_logger_and_progress_bar(tmp_path):
     run = tmp_path / "run"
-    args = ["--logger", "csv", "--trainer.val_check_interval", "20", "--trainer.enable_progress_bar", "true"]
+    # the global batch of 16 in two micro-batches of 8: the monitor counts the global batch, not a micro-batch
+    args = ["--logger", "csv", "--trainer.val_check_interval", "20", "--trainer.enable_progress_bar", "true",
+            "--data.micro_batch_size", "8"]
     first = train(run, tmp_path, 40, *args)
     # the progress bar counts optimizer steps of max_steps, with loss, last val loss and tokens/s
     bar = first.stdout  # Lightning's tqdm bars write to stdout
@@ -246,6 +248,9 @@ def test_csv_logger_and_progress_bar(tmp_path):
     assert [int(r["step"]) for r in rows if r["val/loss"]] == [19, 39, 59]
     for tag in ("train/grad_norm", "train/tokens_per_sec", "train/tokens_seen", "hparams/final_val_loss"):
         assert any(r[tag] for r in rows), tag
+    assert [float(r["train/global_batch_size"]) for r in rows if r.get("train/global_batch_size")] == [16]
+    seen = [(int(r["step"]), float(r["train/tokens_seen"])) for r in rows if r["train/tokens_seen"]]
+    assert seen == [(s, (s + 1) * TOKENS_PER_STEP) for s in range(9, 60, 10)]  # 2 micro-steps a step, resumed too
     assert "epoch" not in rows[0]
 
 
