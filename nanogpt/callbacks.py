@@ -7,10 +7,30 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from nanogpt.checkpoint import atomic_link, non_finite_tensors, remove_stale_temp_files, step_checkpoint_name, step_checkpoints
 from nanogpt.errors import NanoGPTError
+
+
+# the callback hooks Lightning calls on every training step (or micro-step)
+STEP_HOOKS = (
+    "on_train_batch_start", "on_before_zero_grad", "on_before_backward", "on_after_backward",
+    "on_before_optimizer_step", "on_train_batch_end",
+)
+
+
+def skip_empty_step_hooks(callbacks: list[Callback]) -> None:
+    """Hides the per-step hooks a callback leaves empty (Callback's own no-ops) from Lightning's dispatcher.
+
+    Lightning calls every callback's hook at each of its six per-step events, empty or not, each call wrapped in a
+    profiler context and a built name (about 8 Python calls). It skips a hook that is not callable, so an empty one
+    set to None on the instance costs nothing: with the default callbacks, some 20 of 30 calls a step.
+    """
+    for callback in callbacks:
+        for name in STEP_HOOKS:
+            if getattr(type(callback), name, None) is getattr(Callback, name):
+                setattr(callback, name, None)
 
 
 class RunCheckpoint(ModelCheckpoint):

@@ -21,7 +21,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from nanogpt.callbacks import RunCheckpoint
+from nanogpt.callbacks import RunCheckpoint, skip_empty_step_hooks
 from nanogpt.checkpoint import AtomicCheckpointIO, pick_resume_checkpoint, read_checkpoint
 from nanogpt.data import CharDataModule
 from nanogpt.distributed import apply_ddp_defaults, plan_batch
@@ -189,6 +189,7 @@ class GPTLightningCLI(LightningCLI):
         except (MisconfigurationException, ValueError) as e:  # e.g. more devices than the machine has, a bad name
             raise NanoGPTError(f"bad trainer settings: {' '.join(str(e).split())}") from None
         apply_ddp_defaults(trainer.strategy)
+        skip_empty_step_hooks(trainer.callbacks)
         if isinstance(trainer.strategy, FSDPStrategy) and trainer.strategy.root_device.type == "cpu":
             raise NanoGPTError(
                 "FSDP needs GPUs (PyTorch's FSDP does not run on CPU); use --trainer.accelerator gpu, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from functools import partial
 from typing import Any, Literal, Optional
@@ -26,6 +27,13 @@ def _plain_name(name: str) -> str:
     for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
         name = name.replace(wrapper, "")
     return name
+
+
+def _signature_computed_once(step: Any) -> Any:
+    """Stores a step method's signature on it: Lightning inspects training_step's and validation_step's on every
+    batch (inspect.getfullargspec, some 35 Python calls), and inspect returns a function's __signature__ as it is."""
+    step.__signature__ = inspect.signature(step)
+    return step
 
 
 def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
@@ -126,6 +134,7 @@ class GPTModule(L.LightningModule):
         else:
             super().__setattr__(name, value)
 
+    @_signature_computed_once
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch  # (B, T), (B, T)
         _, loss = self.model(x, y)
@@ -159,6 +168,7 @@ class GPTModule(L.LightningModule):
             write_step_scalars(self.trainer, self.step_scalars)
             self.step_scalars = {}
 
+    @_signature_computed_once
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         _, loss = self.model(x, y)

@@ -179,3 +179,54 @@ def test_a_training_step_reads_nothing_back_from_the_device_except_on_logging_st
     assert set(reads.per_step) == set(range(20))
     assert {s for s, n in reads.per_step.items() if n} <= logging, reads.per_step
     assert all(reads.per_step[s] > 0 for s in logging)  # the counter works: logging steps do read
+
+
+class _CountsBatchEnds(L.Callback):
+    def __init__(self):
+        self.batch_ends = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batch_ends += 1
+
+
+def test_empty_step_hooks_are_hidden_and_the_rest_still_run(tmp_path, shakespeare_text):
+    from lightning.pytorch.callbacks import Callback
+
+    from nanogpt.callbacks import STEP_HOOKS, skip_empty_step_hooks
+
+    counting, monitor = _CountsBatchEnds(), TrainingMonitor()
+    skip_empty_step_hooks([counting, monitor])
+    # what a callback leaves as Callback's no-op becomes None on the instance; its own hooks stay
+    assert counting.on_train_batch_end.__func__ is _CountsBatchEnds.on_train_batch_end
+    assert all(getattr(counting, h) is None for h in STEP_HOOKS if h != "on_train_batch_end")
+    assert monitor.on_train_batch_start is not None and monitor.on_before_optimizer_step is not None
+    assert monitor.on_before_backward is None and Callback.on_before_backward is not None  # the class is untouched
+    assert _CountsBatchEnds().on_before_backward is not None  # and so are other instances
+    # Lightning's dispatcher skips a hook that is not callable: a real run calls the kept hooks every step
+    f = tmp_path / "corpus.txt"
+    f.write_text(shakespeare_text[:20000], encoding="utf-8")
+    dm = CharDataModule(source=str(f), block_size=16, batch_size=4, val_blocks=4, cache_dir=str(tmp_path / "c"))
+    model = GPTModule(vocab_size=dm.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=12, log_every_n_steps=5, limit_val_batches=0, enable_progress_bar=False,
+        enable_checkpointing=False, enable_model_summary=False, logger=False, default_root_dir=tmp_path,
+        callbacks=[counting, monitor],
+    )
+    trainer.fit(model, datamodule=dm)
+    assert counting.batch_ends == 12
+    assert monitor.tokens_seen == 12 * 4 * 16
+
+
+def test_lightning_reads_the_step_signatures_without_inspecting_them_again():
+    import inspect
+
+    from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+
+    model = GPTModule(vocab_size=10, block_size=8, n_layer=1, n_head=1, n_embd=8)
+    for step in (model.training_step, model.validation_step):
+        # stored once on the function, with the parameters its code declares
+        fn = step.__func__
+        assert "__signature__" in vars(fn)
+        assert list(fn.__signature__.parameters) == list(fn.__code__.co_varnames[: fn.__code__.co_argcount])
+        assert inspect.getfullargspec(step).args == ["self", "batch", "batch_idx"]
+        assert is_param_in_hook_signature(step, "batch_idx", min_args=2)
