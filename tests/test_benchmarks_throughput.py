@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.conftest import REPO, TINY_CONFIG
+from tests.conftest import REPO, SHAKESPEARE, TINY_CONFIG
 
 pytestmark = pytest.mark.slow  # real training runs, Lightning and plain
 
@@ -59,3 +59,31 @@ def test_timed_run_reports_validation_share_and_time_to_target(benchmarks, capsy
     assert last["reached_target"]["step"] == 3  # any loss is below 10: reached at the first validation
     assert 0 < last["reached_target"]["train_s"] <= last["reached_target"]["wall_s"]
     assert not list(benchmarks.iterdir())
+
+
+def test_gpu_suite_runs_every_benchmark_and_collects_their_figures(benchmarks, capsys):
+    # the CPU twin of the one command a lent GPU runs: the same scripts, tiny config, no compile
+    import gpu_suite
+
+    out = benchmarks / "gpu"
+    gpu_suite.main(["--smoke", "--out", str(out), "--corpus", str(SHAKESPEARE), "--budget-s", "400"])
+    last, printed = _last_json_line(capsys)
+    assert json.loads((out / "results.json").read_text()) == last
+    assert list(last) == ["lecture_ratio", "time_to_target", "gpt2_124m_mfu", "generate"]
+    for name, entry in last.items():
+        assert entry["status"] == "ok", (name, (out / f"{name}.log").read_text()[-2000:])
+        assert entry["command"].startswith("python benchmarks/") and entry["result"], name
+        assert f"{name}: ok in " in printed
+    assert last["lecture_ratio"]["result"]["ratio"] > 0
+    assert last["time_to_target"]["result"]["reached_target"]["step"] == 2 and last["time_to_target"]["result"]["steps"] == 2
+    assert last["gpt2_124m_mfu"]["result"]["ours_mfu"] > 0
+    assert last["generate"]["result"]["speedup"] > 0
+
+
+def test_gpu_suite_refuses_a_benchmark_it_does_not_have(benchmarks, capsys):
+    import gpu_suite
+
+    with pytest.raises(SystemExit) as e:
+        gpu_suite.main(["--smoke", "--out", str(benchmarks / "gpu"), "--only", "lecture_ratio", "mfu"])
+    assert e.value.code == 2
+    assert "no benchmark named ['mfu']" in capsys.readouterr().err

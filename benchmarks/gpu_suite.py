@@ -1,0 +1,148 @@
+"""Every GPU figure of the training-speed issue in one run on one GPU, within a time budget.
+
+    python benchmarks/gpu_suite.py --out DIR [--budget-s 540] [--corpus tinyshakespeare.txt] [--only NAME ...]
+    python benchmarks/gpu_suite.py --smoke --out DIR    # the same plumbing on a CPU with the tiny config (tests)
+
+A lent GPU comes with a few minutes, so the figures are taken in one prepared command (benchmarks/device_prep.sh
+readies it), most important first:
+  lecture_ratio  the lecture config, bf16 + compile: ours / plain tokens/s (target >= 0.97)
+  time_to_target the lecture config, bf16 + compile, to val/loss 1.47 (target <= 60 s of training); its
+                 validation share of wall time (target < 10%)
+  gpt2_124m_mfu  the GPT-2-124M-shaped config: MFU against the GPU's bf16 peak (target >= 45% on an H100)
+  generate       lecture-config sampling, KV cache against none, and the compiled cached decode step
+Each runs as its own process (a crash or out-of-memory in one leaves the rest), with its own share of what is
+left of the budget as its timeout. DIR gets <name>.log (the whole output) and results.json (each benchmark's last
+JSON line, or why it has none); the last line printed is the same JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Bench:
+    name: str
+    script: str  # in benchmarks/
+    args: list[str]
+    share: float  # of the budget left when it starts (the last one gets all that is left)
+
+
+def suite(smoke: bool, peak_tflops: Optional[float]) -> list[Bench]:
+    """The benchmarks and their arguments; with smoke, tiny CPU versions of the same calls (no compile)."""
+    if smoke:
+        tiny = ["--config", "configs/tiny.yaml", "--device", "cpu"]
+        return [
+            Bench("lecture_ratio", "throughput.py", [*tiny, "--steps", "3", "--warmup", "1", "--repeats", "1"], 0.3),
+            Bench("time_to_target", "timed_run.py", [*tiny, "--steps", "4", "--val-every", "2", "--target-loss", "10",
+                                                     "--stop-at-target"], 0.3),
+            Bench("gpt2_124m_mfu", "throughput.py", [*tiny, "--steps", "2", "--warmup", "1", "--repeats", "1",
+                                                     "--peak-tflops", "1"], 0.5),
+            Bench("generate", "generate.py", ["--configs", "cpu", "--batch_sizes", "1", "--new_tokens", "20",
+                                              "--device", "cpu"], 1.0),
+        ]
+    lecture = ["--config", "configs/shakespeare_char.yaml", "--device", "cuda", "--model.compile", "true"]
+    peak = ["--peak-tflops", str(peak_tflops)] if peak_tflops else []
+    return [
+        # compilation dominates: each run compiles its model afresh (both sides, each repeat)
+        Bench("lecture_ratio", "throughput.py", [*lecture, "--steps", "300", "--warmup", "30", "--repeats", "2"], 0.3),
+        Bench("time_to_target", "timed_run.py", [*lecture, "--target-loss", "1.47", "--stop-at-target"], 0.5),
+        Bench("gpt2_124m_mfu", "throughput.py", ["--config", "configs/gpt2_124m_char.yaml", "--device", "cuda", *peak,
+                                                 "--steps", "40", "--warmup", "10", "--repeats", "1"], 0.8),
+        Bench("generate", "generate.py", ["--configs", "lecture", "--batch_sizes", "1", "--new_tokens", "500",
+                                          "--device", "cuda", "--compile"], 1.0),
+    ]
+
+
+def last_json(output: str) -> Optional[dict]:
+    for line in reversed(output.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
+def run(bench: Bench, timeout: float, out: Path, env: dict[str, str]) -> dict:
+    """Runs one benchmark as its own process; its whole output goes to out/<name>.log."""
+    start = time.monotonic()
+    cmd = [sys.executable, str(ROOT / "benchmarks" / bench.script), *bench.args]
+    log = out / f"{bench.name}.log"
+    with open(log, "w") as f:
+        f.write(" ".join(cmd[1:]) + "\n")
+        f.flush()
+        try:
+            done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+            status = "ok" if done.returncode == 0 else f"exit {done.returncode}"
+        except subprocess.TimeoutExpired:
+            status = f"timed out after {timeout:.0f} s"
+    result = last_json(log.read_text()) if status == "ok" else None
+    return {"status": status, "seconds": round(time.monotonic() - start, 1),
+            "command": "python benchmarks/" + " ".join([bench.script, *bench.args]), "result": result}
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="where the logs and results.json go (created)")
+    p.add_argument("--budget-s", type=float, default=540.0, help="seconds for the whole suite")
+    p.add_argument("--corpus", default=None, help="tiny-shakespeare's input.txt, to seed a fresh data cache "
+                                                  "(a machine without a network cannot download it)")
+    p.add_argument("--only", nargs="+", default=None, help="run only these benchmarks, in the suite's order")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU versions of the same calls, to test the plumbing")
+    args = p.parse_args(argv)
+    deadline = time.monotonic() + args.budget_s
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    peak = None
+    if not args.smoke:
+        import torch
+
+        from nanogpt.monitor import gpu_peak_tflops
+
+        if not torch.cuda.is_available():
+            p.error("no CUDA device here; run on a GPU, or pass --smoke to check the plumbing on a CPU")
+        peak = gpu_peak_tflops(torch.cuda.get_device_name())
+    benches = suite(args.smoke, peak)
+    if args.only:
+        unknown = set(args.only) - {b.name for b in benches}
+        if unknown:
+            p.error(f"--only: no benchmark named {sorted(unknown)}; the suite has {[b.name for b in benches]}")
+        benches = [b for b in benches if b.name in args.only]
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    with tempfile.TemporaryDirectory(prefix="nanogpt-cache-") as cache:
+        if args.corpus:
+            seeded = Path(cache) / "tinyshakespeare" / "input.txt"
+            seeded.parent.mkdir(parents=True)
+            shutil.copyfile(args.corpus, seeded)
+            env["NANOGPT_CACHE"] = cache
+        results: dict[str, dict] = {}
+        for i, bench in enumerate(benches):
+            left = deadline - time.monotonic()
+            if left < 10:
+                results[bench.name] = {"status": "skipped: the budget is spent", "result": None}
+                continue
+            share = 1.0 if i == len(benches) - 1 else bench.share
+            results[bench.name] = run(bench, left * share, out, env)
+            print(f"{bench.name}: {results[bench.name]['status']} in {results[bench.name]['seconds']} s", flush=True)
+            (out / "results.json").write_text(json.dumps(results, indent=1))  # kept if a later one hangs the machine
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
