@@ -12,7 +12,7 @@ import contextlib
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -62,8 +62,12 @@ def train_plain(
     device: torch.device,
     steps: int,
     warmup: int,
+    on_step: Optional[Callable[[int], None]] = None,
 ) -> PlainResult:
-    """Trains for warmup + steps steps and times the last `steps` (warm-up and compilation excluded)."""
+    """Trains for warmup + steps steps and times the last `steps` (warm-up and compilation excluded).
+
+    on_step(step), when given, is called before each step and once after the last (step_calls.py counts with it).
+    """
     torch.manual_seed(s.seed)
     model = GPT(s.config).to(device)
     model.train()
@@ -89,6 +93,8 @@ def train_plain(
         if step == warmup:
             _sync(device)
             t0, cpu0 = time.perf_counter(), time.process_time()
+        if on_step is not None:
+            on_step(step)
         x, y = sample_rank_batch(tokens, s.config.block_size, s.batch_size, s.data_seed, 0, step)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # no-ops when gathered there
         with autocast():
@@ -99,6 +105,8 @@ def train_plain(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+    if on_step is not None:
+        on_step(warmup + steps)
     _sync(device)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     tokens_per_s = steps * s.batch_size * s.config.block_size / seconds

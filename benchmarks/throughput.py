@@ -23,7 +23,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -91,7 +91,8 @@ def run_ours(args: argparse.Namespace, config_args: list[str]) -> Run:
                    timer.timed_steps * tokens_per_step(cli) / seconds, timer.final_loss)
 
 
-def run_plain(args: argparse.Namespace, config_args: list[str]) -> Run:
+def plain_setup(args: argparse.Namespace, config_args: list[str]) -> tuple[PlainSettings, Any, torch.device]:
+    """The plain loop's settings, tokens and device, from the training config resolved as for ours."""
     with tempfile.TemporaryDirectory(prefix="nanogpt-bench-") as run_dir:
         cli = build_cli(args, config_args, run_dir)  # only to resolve the config as train.py does
     hp, trainer, dm = cli.model.hparams, cli.trainer, cli.datamodule
@@ -118,6 +119,11 @@ def run_plain(args: argparse.Namespace, config_args: list[str]) -> Run:
     device = trainer.strategy.root_device
     # like ours: a corpus that fits lives on the GPU and batches are gathered there
     tokens = tokens_to_device(dm.train_tokens, device) if device.type == "cuda" else dm.train_tokens
+    return settings, tokens, device
+
+
+def run_plain(args: argparse.Namespace, config_args: list[str]) -> Run:
+    settings, tokens, device = plain_setup(args, config_args)
     r = train_plain(settings, tokens, device, steps=args.steps, warmup=args.warmup)
     return Run("plain", r.steps, r.seconds, r.cpu_seconds, r.tokens_per_s, r.final_loss)
 

@@ -87,3 +87,16 @@ def test_gpu_suite_refuses_a_benchmark_it_does_not_have(benchmarks, capsys):
         gpu_suite.main(["--smoke", "--out", str(benchmarks / "gpu"), "--only", "lecture_ratio", "mfu"])
     assert e.value.code == 2
     assert "no benchmark named ['mfu']" in capsys.readouterr().err
+
+
+def test_step_calls_counts_both_sides_per_step(benchmarks, capsys):
+    import step_calls
+
+    step_calls.main(["--config", str(TINY_CONFIG), "--steps", "6", "--warmup", "2", "--device", "cpu"])
+    last, out = _last_json_line(capsys)
+    assert last["ours_calls_per_step"] > last["plain_calls_per_step"] > 100  # a step is hundreds of calls either way
+    assert last["extra_calls_per_step"] == pytest.approx(last["ours_calls_per_step"] - last["plain_calls_per_step"], abs=0.2)
+    assert sum(last["by_package"].values()) == pytest.approx(last["ours_calls_per_step"], abs=0.5)
+    assert last["by_package"]["lightning"] > 0 and "lightning" not in last["plain_by_package"]
+    assert last["plain_by_package"]["torch"] > 0 and "calls per step" in out
+    assert not list(benchmarks.iterdir())
