@@ -7,7 +7,8 @@ Ours is what train.py runs: GPTLightningCLI builds the LightningModule, DataModu
 TensorBoard logger, checkpoint callback and progress bar, and trainer.fit trains. Plain is benchmarks/plain_loop.py.
 Both train the same network from the same initial weights on the same batches with the same optimizer, schedule,
 clipping and precision: --warmup untimed steps (first-step and compile costs), then --steps timed ones. Runs
-alternate (ours, plain, ours, ...) so drift on a shared machine hits both alike; the medians are compared.
+alternate in pairs whose order flips each repeat (ours-plain, plain-ours, ...), so drift on a shared machine and
+any edge of going first or second hit both sides alike; the medians are compared.
 Any other argument (--model.*, --data.*, --trainer.*) goes to the training config of both sides.
 Prints a table, then one JSON line: {"ours_tokens_per_s", "plain_tokens_per_s", "ratio" (ours / plain), ...}.
 """
@@ -147,7 +148,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         runs: list[Run] = []
         for i in range(args.repeats):
-            for side in (run_ours, run_plain):
+            for side in ((run_ours, run_plain) if i % 2 == 0 else (run_plain, run_ours)):
                 runs.append(side(args, config_args))
                 r = runs[-1]
                 print(f"run {i + 1}/{args.repeats} {r.side:>5}: {r.steps} steps in {r.seconds:.3f} s, "
@@ -161,7 +162,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ours_med, plain_med = statistics.median(ours), statistics.median(plain)
     # each ours run with the plain run right after it: on a shared machine neighbours share their conditions, so
     # the median of these is a steadier estimate than the ratio of the two medians (which the target names)
-    pairs = [o / p for o, p in zip(ours, plain)]
+    pairs = [o / p for o, p in zip(ours, plain)]  # repeat i's two runs, taken back to back
     result = {
         "ours_tokens_per_s": round(ours_med, 1),
         "plain_tokens_per_s": round(plain_med, 1),
