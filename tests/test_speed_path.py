@@ -45,6 +45,14 @@ def test_datamodule_serves_the_same_batches_from_either_placement(tmp_path, shak
         assert torch.equal(x, ex) and torch.equal(y, ey)
 
 
+def _small_data(tmp_path, text, **kwargs) -> CharDataModule:
+    """A data module over 20,000 characters of Shakespeare: blocks of 16, batches of 4, 4 validation blocks."""
+    f = tmp_path / "corpus.txt"
+    f.write_text(text[:20000], encoding="utf-8")
+    return CharDataModule(**{"source": str(f), "block_size": 16, "batch_size": 4, "val_blocks": 4,
+                             "cache_dir": str(tmp_path / "c"), **kwargs})
+
+
 class _RecordingModule(GPTModule):
     """GPTModule that notes every self.log call in training, and what each step hands to write_step_scalars."""
 
@@ -65,9 +73,7 @@ class _RecordingModule(GPTModule):
 
 
 def test_training_logs_only_on_logging_steps_in_one_write(tmp_path, shakespeare_text):
-    f = tmp_path / "corpus.txt"
-    f.write_text(shakespeare_text[:20000], encoding="utf-8")
-    dm = CharDataModule(source=str(f), block_size=16, batch_size=4, val_blocks=4, cache_dir=str(tmp_path / "c"))
+    dm = _small_data(tmp_path, shakespeare_text)
     model = _RecordingModule(vocab_size=dm.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
     trainer = L.Trainer(
         accelerator="cpu", max_steps=25, log_every_n_steps=10, limit_val_batches=0, enable_progress_bar=True,
@@ -110,10 +116,8 @@ def test_compiled_model_never_recompiles_after_the_first_validation(tmp_path, sh
     compile_ = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, backend="eager", **kw))
     torch._dynamo.reset()
-    f = tmp_path / "corpus.txt"
-    f.write_text(shakespeare_text[:20000], encoding="utf-8")
     # 10 validation blocks in batches of 4: the last batch is smaller (4, 4, 2)
-    dm = CharDataModule(source=str(f), block_size=16, batch_size=4, val_blocks=10, cache_dir=str(tmp_path / "c"))
+    dm = _small_data(tmp_path, shakespeare_text, val_blocks=10)
     model = GPTModule(vocab_size=dm.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.1,
                       compile=True)
     graphs = _CountGraphs()
@@ -203,9 +207,7 @@ def test_empty_step_hooks_are_hidden_and_the_rest_still_run(tmp_path, shakespear
     assert monitor.on_before_backward is None and Callback.on_before_backward is not None  # the class is untouched
     assert _CountsBatchEnds().on_before_backward is not None  # and so are other instances
     # Lightning's dispatcher skips a hook that is not callable: a real run calls the kept hooks every step
-    f = tmp_path / "corpus.txt"
-    f.write_text(shakespeare_text[:20000], encoding="utf-8")
-    dm = CharDataModule(source=str(f), block_size=16, batch_size=4, val_blocks=4, cache_dir=str(tmp_path / "c"))
+    dm = _small_data(tmp_path, shakespeare_text)
     model = GPTModule(vocab_size=dm.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
     trainer = L.Trainer(
         accelerator="cpu", max_steps=12, log_every_n_steps=5, limit_val_batches=0, enable_progress_bar=False,
