@@ -160,9 +160,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     ours = [r.tokens_per_s for r in runs if r.side == "ours"]
     plain = [r.tokens_per_s for r in runs if r.side == "plain"]
     ours_med, plain_med = statistics.median(ours), statistics.median(plain)
-    # each ours run with the plain run right after it: on a shared machine neighbours share their conditions, so
-    # the median of these is a steadier estimate than the ratio of the two medians (which the target names)
-    pairs = [o / p for o, p in zip(ours, plain)]  # repeat i's two runs, taken back to back
+    # each repeat's two runs, taken back to back: on a shared machine neighbours share their conditions, so the
+    # median of these is a steadier estimate than the ratio of the two medians (which the target names)
+    pairs = [o / p for o, p in zip(ours, plain)]
     result = {
         "ours_tokens_per_s": round(ours_med, 1),
         "plain_tokens_per_s": round(plain_med, 1),
