@@ -22,6 +22,7 @@ import warnings
 from typing import Any, Optional
 
 import lightning as L
+import torch
 
 import throughput
 from plain_loop import train_plain
@@ -112,9 +113,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     args, config_args = p.parse_known_args(argv)
     if args.steps < 1 or args.warmup < 1:
         p.error("--steps and --warmup must be positive")
-    args.repeats, args.threads, args.peak_tflops = 1, None, None  # what throughput.build_cli reads besides
     if args.device == "auto":
-        args.device = throughput.parse_args(["--config", args.config])[0].device
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
 
