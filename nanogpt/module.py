@@ -158,7 +158,8 @@ class GPTModule(L.LightningModule):
         self._loss_count += 1
         mean = self._loss_sum / self._loss_count
         trainer = self.trainer
-        if trainer.world_size > 1 and (self.global_step + 1) % trainer.log_every_n_steps == 0:
+        if (trainer.world_size > 1 and (self.global_step + 1) % trainer.log_every_n_steps == 0
+                and not trainer.fit_loop._should_accumulate()):  # the step's last micro-batch: the value logged
             mean = trainer.strategy.reduce(mean, reduce_op="mean")  # every rank takes this branch together
         return mean
 
