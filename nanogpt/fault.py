@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
 from nanogpt.errors import NanoGPTError
@@ -115,11 +116,59 @@ class NonFiniteGuard:
         )
 
 
-def _any_rank(trainer: L.Trainer, flag: bool) -> bool:
-    """True when flag is set on any rank (one tiny all-reduce under DDP, none on one process)."""
-    if trainer.world_size > 1:
-        return trainer.strategy.reduce_boolean_decision(flag, all=False)
-    return flag
+class StopVote:
+    """Whether any rank has been signalled, agreed by every rank at the same step without a host-device sync.
+
+    Under DDP on GPUs the default process group is NCCL: a vote there all-reduces a device tensor, and reading the
+    answer (.item()) waits for every kernel queued so far, so once a step the CPU idles until the GPU catches up
+    instead of queueing the next step's kernels.
+    This vote runs on a gloo group of its own, on a CPU tensor, in the background: each optimizer step reads the
+    answer of the all-reduce started one step earlier (long finished) and starts the next. Every rank reads the
+    same answer at the same step, one step after the signal.
+    Falls back to the strategy's blocking reduce_boolean_decision when no gloo group can be made.
+    """
+
+    def __init__(self, trainer: L.Trainer) -> None:
+        self.trainer = trainer
+        self.group: Any = None
+        self._flag = torch.zeros(1, dtype=torch.int32)  # (1,) on the CPU: 1 once this rank has seen a signal
+        self._work: Any = None  # the all-reduce in flight
+        if dist.is_available() and dist.is_initialized():
+            try:  # a collective: every rank makes the group at on_train_start
+                self.group = dist.new_group(backend="gloo")
+            except (RuntimeError, ValueError):  # a torch built without gloo
+                self.group = None
+
+    def any_rank(self, flag: bool) -> bool:
+        """True when some rank passed flag=True to an earlier call (every rank gets the same answer)."""
+        if self.group is None:
+            return self.trainer.strategy.reduce_boolean_decision(flag, all=False)  # blocking, and a sync on GPUs
+        if self._work is not None:
+            self._work.wait()  # started a step ago: done by now
+            self._work = None
+            if self._flag.item():
+                return True  # decided: no further vote is started, so none is left in flight
+        self._flag.fill_(int(flag))
+        self._work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        return False
+
+    def close(self, wait: bool = True) -> None:
+        """Ends the vote. wait=False after an error, when another rank may never finish the vote in flight."""
+        if self.group is None:
+            return
+        if wait and self._work is not None:
+            self._work.wait()  # every rank started the same votes, so this one completes
+            self._work = None
+        if self._work is None:  # with one in flight (after an error) the group is left to the process's exit
+            try:
+                dist.destroy_process_group(self.group)
+            except (RuntimeError, ValueError):  # already gone with the default group
+                pass
+        self.group, self._work = None, None
+
+
+def _lightning_sigterm_broadcast_unused() -> None:
+    """Stands in for Lightning's per-step SIGTERM broadcast while FaultTolerance's own handlers are installed."""
 
 
 class FaultTolerance(Callback):
@@ -127,7 +176,7 @@ class FaultTolerance(Callback):
 
     Signal handlers are installed when training starts (after Lightning's own, which they replace while
     training runs) and the previous ones are put back when it ends. The decision to stop is taken on all
-    ranks together, so every rank takes part in the checkpoint.
+    ranks together (a StopVote, with no host-device sync), so every rank takes part in the checkpoint.
 
     Args:
         check_finite_loss: stop, naming the step, when the training loss or gradients became NaN or inf (read from
@@ -140,6 +189,8 @@ class FaultTolerance(Callback):
         self._previous: dict[int, Any] = {}
         self._stopping: Optional[tuple[int, Optional[str]]] = None  # (signal, checkpoint) once the stop is decided
         self._every = 0  # log_every_n_steps: how often the non-finite flag is read
+        self._vote: Optional[StopVote] = None  # under DDP: the ranks' agreement to stop
+        self._silenced: Any = None  # the training epoch loop whose SIGTERM broadcast is switched off
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None and signum == signal.SIGINT:
@@ -150,22 +201,50 @@ class FaultTolerance(Callback):
         self.signum, self._stopping = None, None
         # read the non-finite flags where the logs are written (a sync there anyway); with logging off, every 100
         self._every = trainer.log_every_n_steps if trainer.log_every_n_steps > 0 else 100
+        installed = True
         for signum in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[signum] = signal.signal(signum, self._handle)
             except ValueError:  # not the main thread (e.g. a notebook worker): leave signals alone
+                installed = False
                 break
+        if trainer.world_size > 1:
+            self._vote = StopVote(trainer)
+            if installed:
+                self._silence_lightning_broadcast(trainer)
+
+    def _silence_lightning_broadcast(self, trainer: L.Trainer) -> None:
+        # Lightning (2.5 on) broadcasts its SIGTERM flag from rank 0 before every micro-step on the default group
+        # and reads it back with .item(): on GPUs a host-device sync per micro-step (Lightning issue #21487). Our
+        # handlers replace Lightning's while training runs, so its flag stays False and the broadcast carries
+        # nothing: it is switched off on this loop until training ends. A SIGTERM Lightning caught before training
+        # started is carried over into our flag.
+        loop = trainer.fit_loop.epoch_loop
+        if hasattr(loop, "_broadcast_sigterm_tensor"):
+            if getattr(trainer, "received_sigterm", False) and self.signum is None:
+                self.signum = signal.SIGTERM
+            loop._broadcast_sigterm_tensor = _lightning_sigterm_broadcast_unused
+            self._silenced = loop
 
     def _restore_handlers(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._previous.clear()
+        if self._silenced is not None:
+            vars(self._silenced).pop("_broadcast_sigterm_tensor", None)  # the class's method again
+            self._silenced = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_handlers()
+        if self._vote is not None:
+            self._vote.close()
+            self._vote = None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore_handlers()
+        if self._vote is not None:
+            self._vote.close(wait=False)  # another rank may have failed before finishing the vote in flight
+            self._vote = None
 
     def _check_finite(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         guard: Optional[NonFiniteGuard] = getattr(pl_module, "nonfinite", None)
@@ -187,7 +266,8 @@ class FaultTolerance(Callback):
             return  # mid gradient accumulation: the optimizer step is not taken yet
         if trainer.global_step % self._every == 0:
             self._check_finite(trainer, pl_module)
-        if self._stopping is None and _any_rank(trainer, self.signum is not None):
+        signalled = self.signum is not None
+        if self._stopping is None and (self._vote.any_rank(signalled) if self._vote is not None else signalled):
             # the step is complete: checkpoint it here, where Lightning's loop state expects a save
             checkpoint = trainer.checkpoint_callback
             path = checkpoint.save_last_now(trainer) if hasattr(checkpoint, "save_last_now") else None

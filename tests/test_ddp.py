@@ -61,6 +61,48 @@ class DDPProbe(L.Callback):
         Path(self.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
+class CollectiveProbe(L.Callback):
+    """Records on each rank every torch.distributed collective called from Python while training runs: its name,
+    the optimizer step, and whether it used the default group (NCCL on GPUs, where reading a result back is a
+    host-device sync) or a side group. DDP's own gradient all-reduce runs in C++ and is not seen."""
+
+    NAMES = ("all_reduce", "broadcast", "barrier", "all_gather", "all_gather_object", "broadcast_object_list",
+             "reduce", "gather")
+
+    def __init__(self, out: str) -> None:
+        self.out, self.calls, self._originals = out, [], {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        dist = torch.distributed
+        for name in self.NAMES:
+            original = self._originals[name] = getattr(dist, name)
+            setattr(dist, name, self._recording(trainer, name, original))
+
+    def _recording(self, trainer, name, original):
+        import inspect
+        signature = inspect.signature(original)
+
+        def call(*args, **kwargs):
+            group = signature.bind(*args, **kwargs).arguments.get("group")
+            side = group is not None and group != torch.distributed.GroupMember.WORLD
+            where = f"side:{torch.distributed.get_backend(group)}" if side else "default"
+            self.calls.append((trainer.global_step, trainer.training, name, where))
+            return original(*args, **kwargs)
+        return call
+
+    def _write(self, trainer) -> None:
+        for name, original in self._originals.items():
+            setattr(torch.distributed, name, original)
+        record = {"steps": trainer.global_step, "calls": self.calls}
+        Path(self.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._write(trainer)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._write(trainer)
+
+
 @pytest.fixture(scope="module")
 def ddp_work(tmp_path_factory, nanogpt_cache):
     """A 2-process run of 20 steps in work/run (4 sequences per device x 2 accumulation micro-steps), and a
@@ -244,3 +286,53 @@ def test_sigterm_to_the_launcher_stops_every_rank_without_a_hang(tmp_path):
         proc.wait()
     # the run's checkpoint is intact and resumable
     assert _state(run)["global_step"] >= 10
+
+
+def test_sigterm_to_rank_1_alone_stops_both_ranks_at_one_step_with_no_per_step_sync(tmp_path):
+    """The stop vote runs on a side gloo group, and Lightning's per-micro-step SIGTERM broadcast on the default
+    group is off; a signal that reaches rank 1 alone (which that broadcast from rank 0 could not carry) still
+    stops both ranks at the same step, checkpointed."""
+    run, probe = tmp_path / "run", tmp_path / "probe"
+    probe.mkdir()
+    callback = json.dumps({"class_path": "tests.test_ddp.CollectiveProbe", "init_args": {"out": str(probe)}})
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *map(str, COMMON), *TWO_PROCESSES, "--trainer.max_steps", "100000",
+         "--data.micro_batch_size", "4", "--trainer.log_every_n_steps", "5", "--trainer.callbacks+", callback,
+         "--trainer.default_root_dir", str(run)],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    ranks = []
+    try:
+        deadline = time.monotonic() + 180
+        while not (run / "checkpoints" / "step-00000020.ckpt").is_file():  # 20 steps in, on both ranks
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not start"
+            time.sleep(0.5)
+        ranks = _children(proc.pid)
+        assert len(ranks) == 1
+        os.kill(ranks[0], signal.SIGTERM)  # rank 1 only: rank 0 never sees a signal
+        proc.wait(timeout=120)
+        assert proc.returncode == 143, proc.stderr.read()[-3000:]
+        assert "resume with --ckpt_path last" in proc.stderr.read()
+    finally:
+        for pid in [proc.pid, *ranks]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    records = [json.loads((probe / f"rank{r}.json").read_text()) for r in range(2)]
+    stop = records[0]["steps"]
+    assert records[1]["steps"] == stop and stop >= 20  # both ranks stopped after the same step ...
+    assert _state(run)["global_step"] == stop  # ... and that step is the checkpoint
+    # a call's step is global_step when it was made: optimizer step n (from 1) is n - 1 in its training_step
+    # and n after it, so the logging steps n = 5, 10, ... show as 4, 5, 9, 10, ...
+    logging = {s for s in range(stop + 1) if s % 5 in (0, 4)}
+    for record in records:
+        training = [(step, name, where) for step, in_training, name, where in record["calls"] if in_training]
+        quiet = [call for call in training if call[0] not in logging and call[0] < stop]
+        # every collective of a step that neither logs nor stops is the vote on the side gloo group: nothing on the
+        # default group (before: Lightning's SIGTERM broadcast every micro-step and a stop all-reduce every step)
+        assert quiet and {(name, where) for _, name, where in quiet} == {("all_reduce", "side:gloo")}, quiet
+        assert sorted({step for step, _, _ in quiet}) == [s for s in range(1, stop) if s not in logging]  # every step
+        # a logging step all-reduces on the default group twice: the loss of its last micro-batch (not of each of
+        # the 2) and the non-finite check
+        assert [name for step, name, where in training if step in (4, 5) and where == "default"].count(
+            "all_reduce") == 2
