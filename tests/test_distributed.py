@@ -186,3 +186,45 @@ def test_a_global_batch_that_does_not_divide_is_refused_before_any_process_start
 def test_a_bad_strategy_name_is_a_clear_error(tmp_path):
     with pytest.raises(NanoGPTError, match="bad trainer settings: .*invalid strategy name"):
         _cli("--trainer.strategy", "nanogpt.distributed.GPTFSDPStrategy", "--trainer.default_root_dir", tmp_path / "r")
+
+
+@pytest.fixture
+def gloo_world():
+    """A real 1-process gloo world (an in-memory store), torn down after the test."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_the_stop_vote_answers_one_step_late_on_its_own_gloo_group(gloo_world):
+    import lightning as L
+
+    from nanogpt.fault import StopVote
+
+    vote = StopVote(L.Trainer(accelerator="cpu", devices=1, logger=False))
+    assert gloo_world.get_backend(vote.group) == "gloo" and vote.group != gloo_world.GroupMember.WORLD
+    assert vote.any_rank(False) is False  # starts the first vote; nothing to read yet
+    assert vote.any_rank(True) is False  # reads the first (no), starts one with this rank's yes
+    assert vote.any_rank(False) is True  # the yes of a step ago: every rank reads it at this same step
+    assert vote._work is None  # decided: no vote left in flight
+    vote.any_rank(False)  # a vote in flight at the end ...
+    vote.close()  # ... is waited for, and the group goes
+    assert vote.group is None and vote._work is None
+
+
+def test_without_a_gloo_group_the_stop_vote_asks_the_strategy_at_once(gloo_world, monkeypatch):
+    import lightning as L
+
+    from nanogpt.fault import StopVote
+
+    def no_gloo(*args, **kwargs):
+        raise RuntimeError("Distributed package doesn't have Gloo built in")
+
+    monkeypatch.setattr(gloo_world, "new_group", no_gloo)
+    vote = StopVote(L.Trainer(accelerator="cpu", devices=1, logger=False))
+    assert vote.group is None
+    assert vote.any_rank(False) is False and vote.any_rank(True) is True  # the strategy's blocking answer, no lag
+    vote.close()
