@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
+import torch
+import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
 from nanogpt.errors import NanoGPTError
@@ -86,6 +88,23 @@ def plan_batch(
             "accumulate_grad_batches unset, it is derived from the batch sizes"
         )
     return BatchPlan(global_batch, micro_batch, derived, world_size)
+
+
+def all_reduce(tensor: torch.Tensor, op: Literal["mean", "min"], strategy: Any) -> torch.Tensor:
+    """tensor reduced over all ranks, as a new tensor (a collective: every rank calls it at the same point).
+
+    Lightning's strategy.reduce puts a barrier before each all-reduce; on NCCL a barrier blocks the host until the GPU
+    has run everything queued, a host-device sync on top of the one that reading the result costs. This one
+    all-reduces at once. Without torch.distributed set up (another kind of strategy) the strategy reduces.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return strategy.reduce(tensor.clone(), reduce_op=op)
+    out = tensor.clone()
+    if op == "mean":  # a sum divided: gloo has no AVG
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out / dist.get_world_size()
+    dist.all_reduce(out, op=dist.ReduceOp.MIN)
+    return out
 
 
 def apply_ddp_defaults(strategy: Any) -> None:

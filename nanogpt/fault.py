@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
+from nanogpt.distributed import all_reduce
 from nanogpt.errors import NanoGPTError
 
 
@@ -103,7 +104,7 @@ class NonFiniteGuard:
             return None
         first = self._first_bad
         if trainer.world_size > 1:
-            first = trainer.strategy.reduce(first.clone(), reduce_op="min")  # every rank saw the same steps
+            first = all_reduce(first, "min", trainer.strategy)  # every rank saw the same steps
         step = int(first)
         return None if step == _NONE else step
 

@@ -15,6 +15,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from torchmetrics import MeanMetric
 
 from nanogpt.checkpoint import capture_rng_state, check_resume_config, restore_rng_state
+from nanogpt.distributed import all_reduce
 from nanogpt.errors import NanoGPTError
 from nanogpt.fault import NonFiniteGuard
 from nanogpt.model import GPT, GPTConfig
@@ -160,7 +161,7 @@ class GPTModule(L.LightningModule):
         trainer = self.trainer
         if (trainer.world_size > 1 and (self.global_step + 1) % trainer.log_every_n_steps == 0
                 and not trainer.fit_loop._should_accumulate()):  # the step's last micro-batch: the value logged
-            mean = trainer.strategy.reduce(mean, reduce_op="mean")  # every rank takes this branch together
+            mean = all_reduce(mean, "mean", trainer.strategy)  # every rank takes this branch together
         return mean
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
