@@ -3,7 +3,8 @@
     SIGTERM (cluster preemption) -> checkpoint, exit 143;  SIGINT (Ctrl-C) -> checkpoint, exit 130.
     A second Ctrl-C while that checkpoint is written aborts at once (the previous checkpoint stays intact).
     A NaN or inf loss or gradient -> the optimizer skips that step on the device (no host sync), and the run stops
-    with an error naming it at the next logging step or checkpoint, whichever comes first.
+    with an error naming it at the next logging step or checkpoint, whichever comes first. On a CPU, where reading
+    costs no sync, a non-finite gradient stops the run at once, before the optimizer step.
 """
 
 from __future__ import annotations
@@ -49,9 +50,16 @@ class NonFiniteGuard:
     as they were), and the step's two flags are kept, unread, until someone asks. Reading them costs a sync, so
     FaultTolerance asks every log_every_n_steps and before every checkpoint. Three tiny device ops a step.
     An optimizer that is not fused cannot skip on the device: then a bad gradient norm is checked at once (a sync).
+    So is it on a CPU, where reading a flag waits for nothing and the fused AdamW's skip would cost more (about
+    0.1 ms a step: it undoes the step count of every parameter tensor one by one, benchmarks/step_budget.py).
+
+    Args:
+        skip_on_device: let a fused optimizer skip a bad step on the device instead of checking the flag at once;
+            None: wherever the gradients are not on the CPU.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, skip_on_device: Optional[bool] = None) -> None:
+        self.skip_on_device = skip_on_device
         self._steps: list[tuple[int, torch.Tensor]] = []  # (step, () bool "loss and gradients finite"), unread
         self._first_bad: Optional[torch.Tensor] = None  # () int64: the first bad step of earlier, folded-in steps
         self._loss_ok: Optional[torch.Tensor] = None  # () bool: this step's micro-batch losses were all finite
@@ -70,13 +78,14 @@ class NonFiniteGuard:
         ok, self._loss_ok = self._loss_ok, None
         if check_grads:
             grads_ok = torch.isfinite(grad_norm)
-            if getattr(optimizer, "defaults", {}).get("fused"):
+            on_device = self.skip_on_device if self.skip_on_device is not None else grad_norm.device.type != "cpu"
+            if on_device and getattr(optimizer, "defaults", {}).get("fused"):
                 if self._found_inf is None or self._found_inf.device != grad_norm.device:
                     self._found_inf = torch.zeros((), dtype=torch.float32, device=grad_norm.device)
                 # 1.0 where the gradients are not finite; every rank sees the same norm, so all skip the same steps
                 torch.logical_not(grads_ok, out=self._found_inf)
                 optimizer.found_inf = self._found_inf
-            elif not bool(grads_ok):  # an optimizer that cannot skip on the device: check now (a sync)
+            elif not bool(grads_ok):  # a CPU, or an optimizer that cannot skip on the device: check now
                 raise NonFiniteLossError(self.message(step))
             ok = grads_ok if ok is None else ok & grads_ok
         if ok is not None:

@@ -246,9 +246,10 @@ def test_nan_stops_the_run_and_never_reaches_a_checkpoint(nanogpt_cache, tmp_pat
 
 
 @pytest.mark.slow
-def test_a_nan_gradient_is_skipped_on_the_device_and_stops_the_run_at_the_next_checkpoint(nanogpt_cache, tmp_path):
-    # logged every 10 steps, so the non-finite flag is read at steps 10, 20, 30... and before every checkpoint:
-    # the NaN gradient of step 21 is found by the save after the validation at step 25, which is refused
+def test_a_nan_gradient_stops_the_run_before_it_reaches_the_weights_or_a_checkpoint(nanogpt_cache, tmp_path):
+    # on a CPU the flag is read at once, so the run stops in step 21, before its update; on a GPU the fused AdamW
+    # skips step 21 on the device and the flag is read at the next log step or checkpoint (the next test). Either
+    # way the validation and checkpoint of step 25 never come
     poison = tmp_path / "poison.yaml"
     poison.write_text(
         "trainer:\n  callbacks:\n    - class_path: tests.test_resume.PoisonWeights\n"
@@ -266,12 +267,16 @@ def test_a_nan_gradient_is_skipped_on_the_device_and_stops_the_run_at_the_next_c
         assert all(torch.isfinite(t).all() for t in load(path)["state_dict"].values()), path
 
 
-def test_fused_adamw_skips_a_step_with_nan_gradients_on_the_device(tmp_path, shakespeare_text):
-    """In process, every step: the poisoned step leaves weights and AdamW state as they were; the others move them."""
+@pytest.mark.parametrize("on_device", [True, False], ids=["skip-on-device", "check-at-once"])
+def test_fused_adamw_skips_a_step_with_nan_gradients_on_the_device(tmp_path, shakespeare_text, on_device):
+    """In process, every step: the poisoned step leaves weights and AdamW state as they were; the others move them.
+
+    skip-on-device is what a GPU runs (the CPU twin of it); check-at-once is the CPU's default.
+    """
     import lightning as L
 
     from nanogpt.data import CharDataModule
-    from nanogpt.fault import FaultTolerance, NonFiniteLossError
+    from nanogpt.fault import FaultTolerance, NonFiniteGuard, NonFiniteLossError
     from nanogpt.module import GPTModule
 
     class Watch(Callback):
@@ -290,6 +295,8 @@ def test_fused_adamw_skips_a_step_with_nan_gradients_on_the_device(tmp_path, sha
     f.write_text(shakespeare_text[:20000], encoding="utf-8")
     dm = CharDataModule(source=str(f), block_size=16, batch_size=4, val_blocks=4, cache_dir=str(tmp_path / "c"))
     model = GPTModule(vocab_size=dm.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
+    assert model.nonfinite.skip_on_device is None  # the default: on the device wherever that is not the CPU
+    model.nonfinite = NonFiniteGuard(skip_on_device=on_device)
     watch = Watch()
     trainer = L.Trainer(
         accelerator="cpu", max_steps=20, log_every_n_steps=5, limit_val_batches=0, enable_progress_bar=False,
@@ -299,8 +306,13 @@ def test_fused_adamw_skips_a_step_with_nan_gradients_on_the_device(tmp_path, sha
     with pytest.raises(NonFiniteLossError, match="at step 3;"):
         trainer.fit(model, datamodule=dm)
     assert trainer.optimizers[0].defaults["fused"]  # the fused AdamW, on the CPU too
-    assert watch.changed == {0: True, 1: True, 2: True, 3: False, 4: True}  # found at the log step after step 4
-    assert watch.adam_steps == {4}  # five steps taken, one skipped: AdamW's step count did not move either
+    if on_device:
+        assert watch.changed == {0: True, 1: True, 2: True, 3: False, 4: True}  # found at the log step after step 4
+        assert watch.adam_steps == {4}  # five steps taken, one skipped: AdamW's step count did not move either
+    else:
+        assert watch.changed == {0: True, 1: True, 2: True}  # stopped within step 3, before its update
+        assert watch.adam_steps == {3}
+        assert not hasattr(trainer.optimizers[0], "found_inf")  # the optimizer was never asked to skip
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
