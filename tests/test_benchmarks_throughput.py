@@ -100,3 +100,17 @@ def test_step_calls_counts_both_sides_per_step(benchmarks, capsys):
     assert last["by_package"]["lightning"] > 0 and "lightning" not in last["plain_by_package"]
     assert last["plain_by_package"]["torch"] > 0 and "calls per step" in out
     assert not list(benchmarks.iterdir())
+
+
+def test_step_budget_times_logging_steps_and_the_guard(benchmarks, capsys):
+    import step_budget
+
+    step_budget.main(["--config", str(TINY_CONFIG), "--steps", "12", "--warmup", "2", "--rounds", "2",
+                      "--trainer.log_every_n_steps", "3"])
+    last, out = _last_json_line(capsys)
+    assert last["log_every_n_steps"] == 3
+    assert (last["logging_steps"], last["other_steps"]) == (4, 7)  # steps 2..12 timed (the last has no end mark)
+    assert last["step_ms"] > 0 and last["optimizer_end_us"] > 0
+    assert last["logging_ms_per_step"] == pytest.approx(last["logging_step_extra_ms"] / 3, abs=1e-3)
+    assert {"guard_us_per_step", "guard_on_device_us_per_step"} <= set(last) and "a logging step" in out
+    assert not list(benchmarks.iterdir())
