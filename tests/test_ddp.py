@@ -3,6 +3,7 @@
 Run them alone with `python -m pytest -m ddp`. Each run is the tiny config for a few dozen steps.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -256,20 +257,34 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_sigterm_to_the_launcher_stops_every_rank_without_a_hang(tmp_path):
-    run = tmp_path / "run"
+@contextlib.contextmanager
+def _training_in_background(run: Path, *args: str, until: str):
+    """A 2-process train.py run of endless steps, yielded as (launcher, [rank 1's pid]) once run/checkpoints/until
+    exists (training under way on both ranks); any of its processes still alive at the end is killed."""
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), *map(str, COMMON), *TWO_PROCESSES, "--trainer.max_steps", "100000",
-         "--trainer.default_root_dir", str(run)],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+         *args, "--trainer.default_root_dir", str(run)],
+        cwd=run.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
     ranks = []
     try:
         deadline = time.monotonic() + 180
-        while not (run / "checkpoints" / "last.ckpt").is_file():  # training is under way on both ranks
+        while not (run / "checkpoints" / until).is_file():
             assert proc.poll() is None and time.monotonic() < deadline, "the run did not start"
             time.sleep(0.5)
         ranks = _children(proc.pid)
         assert len(ranks) == 1  # the launcher is rank 0 and started rank 1
+        yield proc, ranks
+    finally:
+        for pid in [proc.pid, *ranks]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_without_a_hang(tmp_path):
+    run = tmp_path / "run"
+    with _training_in_background(run, until="last.ckpt") as (proc, ranks):
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)  # seconds on a quiet machine; generous for a loaded CI box
         deadline = time.monotonic() + 30
@@ -279,11 +294,6 @@ def test_sigterm_to_the_launcher_stops_every_rank_without_a_hang(tmp_path):
         # the stop is a preemption, not a crash: the finished step is checkpointed on every rank's say-so
         assert proc.returncode == 143
         assert "resume with --ckpt_path last" in proc.stderr.read()
-    finally:
-        for pid in [proc.pid, *ranks]:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        proc.wait()
     # the run's checkpoint is intact and resumable
     assert _state(run)["global_step"] >= 10
 
@@ -295,29 +305,12 @@ def test_sigterm_to_rank_1_alone_stops_both_ranks_at_one_step_with_no_per_step_s
     run, probe = tmp_path / "run", tmp_path / "probe"
     probe.mkdir()
     callback = json.dumps({"class_path": "tests.test_ddp.CollectiveProbe", "init_args": {"out": str(probe)}})
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *map(str, COMMON), *TWO_PROCESSES, "--trainer.max_steps", "100000",
-         "--data.micro_batch_size", "4", "--trainer.log_every_n_steps", "5", "--trainer.callbacks+", callback,
-         "--trainer.default_root_dir", str(run)],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)})
-    ranks = []
-    try:
-        deadline = time.monotonic() + 180
-        while not (run / "checkpoints" / "step-00000020.ckpt").is_file():  # 20 steps in, on both ranks
-            assert proc.poll() is None and time.monotonic() < deadline, "the run did not start"
-            time.sleep(0.5)
-        ranks = _children(proc.pid)
-        assert len(ranks) == 1
+    with _training_in_background(run, "--data.micro_batch_size", "4", "--trainer.log_every_n_steps", "5",
+                                 "--trainer.callbacks+", callback, until="step-00000020.ckpt") as (proc, ranks):
         os.kill(ranks[0], signal.SIGTERM)  # rank 1 only: rank 0 never sees a signal
         proc.wait(timeout=120)
         assert proc.returncode == 143, proc.stderr.read()[-3000:]
         assert "resume with --ckpt_path last" in proc.stderr.read()
-    finally:
-        for pid in [proc.pid, *ranks]:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        proc.wait()
     records = [json.loads((probe / f"rank{r}.json").read_text()) for r in range(2)]
     stop = records[0]["steps"]
     assert records[1]["steps"] == stop and stop >= 20  # both ranks stopped after the same step ...
