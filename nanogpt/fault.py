@@ -50,8 +50,8 @@ class NonFiniteGuard:
     as they were), and the step's two flags are kept, unread, until someone asks. Reading them costs a sync, so
     FaultTolerance asks every log_every_n_steps and before every checkpoint. Three tiny device ops a step.
     An optimizer that is not fused cannot skip on the device: then a bad gradient norm is checked at once (a sync).
-    So is it on a CPU, where reading a flag waits for nothing and the fused AdamW's skip would cost more (about
-    0.1 ms a step: it undoes the step count of every parameter tensor one by one, benchmarks/step_budget.py).
+    A CPU checks it at once too: there reading a flag waits for nothing, and the fused AdamW's skip would cost more
+    (about 0.1 ms a step: it undoes the step count of every parameter tensor one by one; benchmarks/RESULTS.md).
 
     Args:
         skip_on_device: let a fused optimizer skip a bad step on the device instead of checking the flag at once;
