@@ -78,7 +78,9 @@ def build_cli(args: argparse.Namespace, config_args: list[str], run_dir: str) ->
 
 
 def tokens_per_step(cli: GPTLightningCLI) -> int:
-    return cli.datamodule.batch_size * cli.model.config.block_size * cli.trainer.accumulate_grad_batches
+    """Tokens in one optimizer step, after fit: data.batch_size is already the global batch, so from the batch plan
+    (as the monitor and ddp_overhead.py count it), not batch_size x accumulation."""
+    return cli.datamodule.batch_plan.global_batch * cli.model.config.block_size
 
 
 def run_ours(args: argparse.Namespace, config_args: list[str]) -> Run:
