@@ -139,7 +139,7 @@ class GPTModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch  # (B, T), (B, T)
         _, loss = self.model(x, y)
-        self.nonfinite.see_loss(loss)  # on the device: no sync
+        self.nonfinite.see_loss(loss)  # on a GPU no sync; a CPU reads a float (waits for nothing)
         if self._is_logging_step():
             # Only on logging steps (every log_every_n_steps): nothing here waits for the device on other steps.
             # The scalars are written in on_train_batch_end, in one go with the callbacks' (see write_step_scalars)

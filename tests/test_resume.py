@@ -316,6 +316,38 @@ def test_fused_adamw_skips_a_step_with_nan_gradients_on_the_device(tmp_path, sha
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("on_device", [True, None], ids=["device-flags", "host-floats"])
+def test_the_guard_finds_the_first_non_finite_loss_the_same_either_way(on_device):
+    """A GPU keeps the loss flags on the device; a CPU reads floats. Both report the first bad step, at the check.
+
+    An inf loss with finite gradients (a -inf logit at the target) leaves the update alone: the step is reported at
+    the next check, not at once, since under DDP only one rank may have seen it (bad_step agrees on it over ranks).
+    """
+    from types import SimpleNamespace
+
+    from nanogpt.fault import NonFiniteGuard, NonFiniteLossError
+
+    guard, trainer = NonFiniteGuard(skip_on_device=on_device), SimpleNamespace(world_size=1)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], fused=True)
+    assert guard.bad_step(trainer) is None  # nothing seen yet
+    for step, loss in enumerate([2.0, 1.9, 1.8, float("inf"), 1.7, float("nan"), 1.6]):
+        guard.see_loss(torch.tensor(1.5))  # two micro-batches a step: the second one's loss decides here
+        guard.see_loss(torch.tensor(loss))
+        guard.see_step(optimizer, torch.tensor(0.5), step)
+        if step == 2:
+            assert guard.bad_step(trainer) is None
+    assert guard.bad_step(trainer) == 3
+    assert guard.bad_step(trainer) == 3  # the first bad step stays the answer
+    nan_norm = torch.tensor(float("nan"))
+    if on_device:  # the fused AdamW is told to skip the update; the step is reported at the next check
+        guard.see_step(optimizer, nan_norm, 7)
+        assert float(optimizer.found_inf) == 1.0
+    else:  # read at once: the step stops before its update
+        with pytest.raises(NonFiniteLossError, match="at step 7;"):
+            guard.see_step(optimizer, nan_norm, 7)
+        assert not hasattr(optimizer, "found_inf")
+
+
 # ---- 5. kill -9 at random moments ---------------------------------------------------------------------------------
 
 
