@@ -49,6 +49,7 @@ class PlainResult:
     cpu_seconds: float  # this process's CPU time over them
     tokens_per_s: float
     final_loss: float
+    step_ends: list[float]  # wall time at the start of the timed steps and at the end of each (timing.step_windows)
 
 
 def _sync(device: torch.device) -> None:
@@ -89,10 +90,12 @@ def train_plain(
     )
 
     t0, cpu0 = time.perf_counter(), time.process_time()
+    step_ends: list[float] = []
     for step in range(warmup + steps):
         if step == warmup:
             _sync(device)
             t0, cpu0 = time.perf_counter(), time.process_time()
+            step_ends.append(t0)
         if on_step is not None:
             on_step(step)
         x, y = sample_rank_batch(tokens, s.config.block_size, s.batch_size, s.data_seed, 0, step)
@@ -105,9 +108,11 @@ def train_plain(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if step >= warmup:
+            step_ends.append(time.perf_counter())
     if on_step is not None:
         on_step(warmup + steps)
     _sync(device)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     tokens_per_s = steps * s.batch_size * s.config.block_size / seconds
-    return PlainResult(steps, seconds, cpu_seconds, tokens_per_s, loss.item())
+    return PlainResult(steps, seconds, cpu_seconds, tokens_per_s, loss.item(), step_ends)

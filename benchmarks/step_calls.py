@@ -96,7 +96,7 @@ def count_plain(args: argparse.Namespace, config_args: list[str]) -> CallCounter
         elif step == args.warmup + args.steps:
             counter.stop()
 
-    settings, tokens, device = throughput.plain_setup(args, config_args)
+    settings, tokens, device, _ = throughput.plain_setup(args, config_args)
     try:
         train_plain(settings, tokens, device, steps=args.steps, warmup=args.warmup, on_step=on_step)
     finally:

@@ -11,6 +11,8 @@ alternate in pairs whose order flips each repeat (ours-plain, plain-ours, ...), 
 any edge of going first or second hit both sides alike; the medians are compared.
 Any other argument (--model.*, --data.*, --trainer.*) goes to the training config of both sides.
 Prints a table, then one JSON line: {"ours_tokens_per_s", "plain_tokens_per_s", "ratio" (ours / plain), ...}.
+"windowed_ratio" is the same from each run's median window of log_every_n_steps steps instead of its whole time:
+every window holds one logging step, and a neighbour's burst on a shared machine moves the median little.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from nanogpt.cli import GPTLightningCLI
 from nanogpt.data import tokens_to_device
 from nanogpt.errors import NanoGPTError
 from plain_loop import PlainSettings, train_plain
-from timing import RunTimer
+from timing import RunTimer, step_windows
 
 
 @dataclass
@@ -43,6 +45,8 @@ class Run:
     cpu_seconds: float  # process CPU time: with --threads 1 it hardly moves when other jobs share the machine
     tokens_per_s: float
     final_loss: float
+    # tokens/s over the median window of log_every_n_steps steps (timing.step_windows); None: a run of fewer steps
+    window_tokens_per_s: Optional[float] = None
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, list[str]]:
@@ -89,13 +93,19 @@ def run_ours(args: argparse.Namespace, config_args: list[str]) -> Run:
         timer = RunTimer(warmup=args.warmup)
         cli.trainer.callbacks.append(timer)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-        seconds = timer.train_seconds
-        return Run("ours", timer.timed_steps, seconds, timer.train_cpu_seconds,
-                   timer.timed_steps * tokens_per_step(cli) / seconds, timer.final_loss)
+        seconds, tokens = timer.train_seconds, tokens_per_step(cli)
+        return Run("ours", timer.timed_steps, seconds, timer.train_cpu_seconds, timer.timed_steps * tokens / seconds,
+                   timer.final_loss, window_tokens_per_s(timer.step_ends, cli.trainer.log_every_n_steps, tokens))
 
 
-def plain_setup(args: argparse.Namespace, config_args: list[str]) -> tuple[PlainSettings, Any, torch.device]:
-    """The plain loop's settings, tokens and device, from the training config resolved as for ours."""
+def window_tokens_per_s(step_ends: list[float], every: int, tokens: int) -> Optional[float]:
+    windows = step_windows(step_ends, every)
+    return every * tokens / statistics.median(windows) if windows else None
+
+
+def plain_setup(args: argparse.Namespace, config_args: list[str]) -> tuple[PlainSettings, Any, torch.device, int]:
+    """The plain loop's settings, tokens and device, from the training config resolved as for ours, and the
+    config's log_every_n_steps (the window of the windowed figure, as ours')."""
     with tempfile.TemporaryDirectory(prefix="nanogpt-bench-") as run_dir:
         cli = build_cli(args, config_args, run_dir)  # only to resolve the config as train.py does
     hp, trainer, dm = cli.model.hparams, cli.trainer, cli.datamodule
@@ -122,13 +132,15 @@ def plain_setup(args: argparse.Namespace, config_args: list[str]) -> tuple[Plain
     device = trainer.strategy.root_device
     # like ours: a corpus that fits lives on the GPU and batches are gathered there
     tokens = tokens_to_device(dm.train_tokens, device) if device.type == "cuda" else dm.train_tokens
-    return settings, tokens, device
+    return settings, tokens, device, trainer.log_every_n_steps
 
 
 def run_plain(args: argparse.Namespace, config_args: list[str]) -> Run:
-    settings, tokens, device = plain_setup(args, config_args)
+    settings, tokens, device, every = plain_setup(args, config_args)
     r = train_plain(settings, tokens, device, steps=args.steps, warmup=args.warmup)
-    return Run("plain", r.steps, r.seconds, r.cpu_seconds, r.tokens_per_s, r.final_loss)
+    step_tokens = settings.batch_size * settings.config.block_size
+    return Run("plain", r.steps, r.seconds, r.cpu_seconds, r.tokens_per_s, r.final_loss,
+               window_tokens_per_s(r.step_ends, every, step_tokens))
 
 
 def flops_per_token(cli: GPTLightningCLI) -> float:
@@ -189,6 +201,15 @@ def main(argv: Optional[list[str]] = None) -> None:
         "plain_final_loss": [r.final_loss for r in runs if r.side == "plain"][-1],
     }
     result["cpu_time_ratio"] = round(result["plain_cpu_ms_per_step"] / result["ours_cpu_ms_per_step"], 4)
+    # the same from each run's median window of log_every_n_steps steps: a neighbour's burst on a shared machine
+    # lands in a few windows and leaves the median alone, while each window still holds one logging step
+    ours_w = [r.window_tokens_per_s for r in runs if r.side == "ours"]
+    plain_w = [r.window_tokens_per_s for r in runs if r.side == "plain"]
+    if None not in ours_w and None not in plain_w:
+        result["windowed_ratio"] = round(statistics.median(ours_w) / statistics.median(plain_w), 4)
+        result["windowed_paired_ratio_median"] = round(statistics.median(o / p for o, p in zip(ours_w, plain_w)), 4)
+        result["ours_window_runs"] = [round(x, 1) for x in ours_w]
+        result["plain_window_runs"] = [round(x, 1) for x in plain_w]
     if args.peak_tflops:
         with tempfile.TemporaryDirectory(prefix="nanogpt-bench-") as run_dir:
             fpt = flops_per_token(build_cli(args, config_args, run_dir))
@@ -201,6 +222,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"{side:>6} {med:>16,.0f} {', '.join(f'{v:,.0f}' for v in values):>40}")
     print(f"ratio ours/plain: {result['ratio']:.4f}  (median of paired runs {result['paired_ratio_median']:.4f}; "
           f"{Path(args.config).name}, {result['device']})")
+    if "windowed_ratio" in result:
+        print(f"windowed ratio:   {result['windowed_ratio']:.4f}  (median of paired runs "
+              f"{result['windowed_paired_ratio_median']:.4f}; each run's median window of log_every_n_steps steps)")
     print(json.dumps(result))
 
 

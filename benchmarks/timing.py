@@ -34,8 +34,12 @@ class RunTimer(L.Callback):
         self.total_seconds = 0.0  # on_train_start to on_train_end
         self.val_pauses: list[float] = []  # one per validation: loop + checkpoint saves
         self.final_loss: Optional[float] = None
+        # the training clock (validation pauses taken out) at the end of step `warmup` and of every step after it:
+        # step_windows() cuts it into windows of equal steps
+        self.step_ends: list[float] = []
         self.reached: Optional[dict[str, float]] = None  # step and times at which val/loss <= target_loss
         self._last_end: Optional[float] = None
+        self._ends_step = 0
         self._pause_start: Optional[float] = None
         self._val_in_window = 0.0
         self._cpu0 = time.process_time()
@@ -61,6 +65,11 @@ class RunTimer(L.Callback):
             self._cpu0 = time.process_time()
             self._val_in_window = 0.0
             self._cpu_val_in_window = 0.0
+            self._ends_step = step
+            self.step_ends.append(self.t0)
+        elif self.t0 is not None and self.final_loss is None and step > self._ends_step:  # a step ended (not a
+            self._ends_step = step  # micro-batch of one); no sync: over a window the device's queue evens out
+            self.step_ends.append(time.perf_counter() - self._val_in_window)
         if step >= trainer.max_steps > 0:
             _sync(pl_module)
             self._finish(time.perf_counter(), step, outputs)
@@ -112,3 +121,12 @@ class RunTimer(L.Callback):
         self.train_cpu_seconds = time.process_time() - self._cpu0 - self._cpu_val_in_window
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.final_loss = float(loss) if loss is not None else float("nan")
+
+
+def step_windows(step_ends: list[float], every: int) -> list[float]:
+    """The seconds of each run of `every` consecutive steps, from a list of step-end times (non-overlapping).
+
+    With `every` = log_every_n_steps each window holds exactly one logging step, so the windows' median is a
+    step time that counts logging's cost but not a neighbour's burst on a shared machine.
+    """
+    return [step_ends[i + every] - step_ends[i] for i in range(0, len(step_ends) - every, every)]

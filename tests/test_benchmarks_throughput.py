@@ -29,7 +29,7 @@ def test_harness_prints_both_figures_as_its_last_line(benchmarks, capsys):
     import throughput
 
     throughput.main(["--config", str(TINY_CONFIG), "--steps", "6", "--warmup", "2", "--repeats", "1",
-                     "--device", "cpu"])
+                     "--device", "cpu", "--trainer.log_every_n_steps", "2"])
     last, out = _last_json_line(capsys)
     assert last["ours_tokens_per_s"] > 0 and last["plain_tokens_per_s"] > 0
     assert last["ratio"] == pytest.approx(last["ours_tokens_per_s"] / last["plain_tokens_per_s"], rel=1e-3)
@@ -38,6 +38,11 @@ def test_harness_prints_both_figures_as_its_last_line(benchmarks, capsys):
     pair = last["ours_runs"][0] / last["plain_runs"][0]
     assert last["paired_ratios"] == [pytest.approx(pair, rel=1e-3)] and last["paired_ratio_median"] == pytest.approx(pair, rel=1e-3)
     assert last["ours_cpu_ms_per_step"] > 0 and last["plain_cpu_ms_per_step"] > 0
+    # 6 timed steps in windows of log_every_n_steps (2): each run's median window gives a tokens/s of its own
+    (ours_w,), (plain_w,) = last["ours_window_runs"], last["plain_window_runs"]
+    assert ours_w > 0 and plain_w > 0
+    assert last["windowed_ratio"] == pytest.approx(ours_w / plain_w, rel=1e-3)
+    assert "windowed ratio" in out
     # the same weights, batches and optimizer on both sides: the same loss after the same 8 steps
     assert last["ours_final_loss"] == pytest.approx(last["plain_final_loss"], rel=1e-5)
     assert 2.0 < last["plain_final_loss"] < 4.5
@@ -114,3 +119,36 @@ def test_step_budget_times_logging_steps_and_the_guard(benchmarks, capsys):
     assert last["logging_ms_per_step"] == pytest.approx(last["logging_step_extra_ms"] / 3, abs=1e-3)
     assert {"guard_us_per_step", "guard_on_device_us_per_step"} <= set(last) and "a logging step" in out
     assert not list(benchmarks.iterdir())
+
+
+def test_step_windows_cut_the_training_clock_into_equal_steps():
+    from timing import step_windows
+
+    assert step_windows([0.0, 1.0, 3.0, 6.0, 10.0, 15.0, 21.0], 2) == [3.0, 7.0, 11.0]
+    assert step_windows([0.0, 1.0, 3.0, 6.0, 10.0, 15.0], 2) == [3.0, 7.0]  # a short last window is left out
+    assert step_windows([0.0, 1.0], 2) == []
+
+
+def test_the_run_timer_keeps_validation_out_of_its_step_clock(benchmarks):
+    import time
+
+    import lightning as L
+    import throughput
+    from timing import RunTimer
+
+    class SlowValidation(L.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                time.sleep(0.5)
+
+    args, config_args = throughput.parse_args(["--config", str(TINY_CONFIG), "--steps", "8", "--warmup", "2",
+                                               "--device", "cpu", "--trainer.val_check_interval", "4"])
+    cli = throughput.build_cli(args, config_args, str(benchmarks / "run"))
+    timer = RunTimer(warmup=2)
+    cli.trainer.callbacks.extend([SlowValidation(), timer])
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert len(timer.val_pauses) == 2 and min(timer.val_pauses) >= 0.5  # after steps 4 and 8
+    assert len(timer.step_ends) == 9  # the end of step 2 and of each of the 8 timed steps
+    steps = [b - a for a, b in zip(timer.step_ends, timer.step_ends[1:])]
+    assert all(0 < s < 0.5 for s in steps), steps  # the pause after step 4 is not in step 5's time
+    assert timer.step_ends[-1] - timer.step_ends[0] == pytest.approx(timer.train_seconds, abs=0.05)
