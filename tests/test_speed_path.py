@@ -240,3 +240,45 @@ def test_lightning_reads_the_step_signatures_without_inspecting_them_again():
         assert list(fn.__signature__.parameters) == list(fn.__code__.co_varnames[: fn.__code__.co_argcount])
         assert inspect.getfullargspec(step).args == ["self", "batch", "batch_idx"]
         assert is_param_in_hook_signature(step, "batch_idx", min_args=2)
+
+
+class _GradsAt(L.Callback):
+    """Notes, at each hook, whether any parameter holds a gradient."""
+
+    def __init__(self):
+        self.seen = []  # (hook, optimizer steps done, micro-batch index, any gradient held)
+
+    def _note(self, hook, trainer, pl_module, batch_idx):
+        held = any(p.grad is not None for p in pl_module.parameters())
+        self.seen.append((hook, trainer.global_step, batch_idx, held))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._note("start", trainer, pl_module, batch_idx)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self._note("before_step", trainer, pl_module, None)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._note("end", trainer, pl_module, batch_idx)
+
+
+def test_gradients_are_freed_right_after_each_update_and_accumulate_between(tmp_path, shakespeare_text):
+    # nanoGPT's order: no gradient is held during a step's forward pass (Lightning would zero them only after it);
+    # with 2 micro-batches a step, the first one's gradients are kept for the second's
+    dm = _small_data(tmp_path, shakespeare_text, micro_batch_size=2)
+    model = GPTModule(vocab_size=dm.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
+    grads = _GradsAt()
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=3, log_every_n_steps=1, limit_val_batches=0, enable_progress_bar=False,
+        enable_checkpointing=False, enable_model_summary=False, logger=False, default_root_dir=tmp_path,
+        callbacks=[grads],
+    )
+    trainer.fit(model, datamodule=dm)
+    assert trainer.accumulate_grad_batches == 2
+    expected = []
+    for step in range(3):
+        first, second = 2 * step, 2 * step + 1
+        expected += [("start", step, first, False), ("end", step, first, True),  # kept for the next micro-batch
+                     ("start", step, second, True), ("before_step", step, None, True),
+                     ("end", step + 1, second, False)]  # freed by the update
+    assert grads.seen == expected
