@@ -12,7 +12,7 @@ import contextlib
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -57,17 +57,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_plain(
+def plain_steps(
     s: PlainSettings,
     tokens: Union[np.ndarray, torch.Tensor],
     device: torch.device,
-    steps: int,
-    warmup: int,
-    on_step: Optional[Callable[[int], None]] = None,
-) -> PlainResult:
-    """Trains for warmup + steps steps and times the last `steps` (warm-up and compilation excluded).
+    mark: Optional[Callable[[str], None]] = None,
+) -> Iterator[torch.Tensor]:
+    """The loop itself, one optimizer step per next(): builds the model and optimizer, then yields each step's loss.
 
-    on_step(step), when given, is called before each step and once after the last (step_calls.py counts with it).
+    A generator, so throughput.py --interleave can run it in short stretches between our Lightning steps.
+    mark(phase), when given, is called as each step's batch is ready and its forward and backward passes end
+    (step_phases.py times the phases with it).
     """
     torch.manual_seed(s.seed)
     model = GPT(s.config).to(device)
@@ -88,7 +88,41 @@ def train_plain(
     autocast = (
         partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16) if s.bf16 else contextlib.nullcontext
     )
+    step = 0
+    while True:
+        x, y = sample_rank_batch(tokens, s.config.block_size, s.batch_size, s.data_seed, 0, step)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # no-ops when gathered there
+        if mark is not None:
+            mark("batch")
+        with autocast():
+            _, loss = forward(x, y)
+        if mark is not None:
+            mark("forward")
+        loss.backward()
+        if mark is not None:
+            mark("backward")
+        if s.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, s.grad_clip, foreach=True)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        yield loss
 
+
+def train_plain(
+    s: PlainSettings,
+    tokens: Union[np.ndarray, torch.Tensor],
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    on_step: Optional[Callable[[int], None]] = None,
+) -> PlainResult:
+    """Trains for warmup + steps steps and times the last `steps` (warm-up and compilation excluded).
+
+    on_step(step), when given, is called before each step and once after the last (step_calls.py counts with it).
+    """
+    loop = plain_steps(s, tokens, device)
     t0, cpu0 = time.perf_counter(), time.process_time()
     step_ends: list[float] = []
     for step in range(warmup + steps):
@@ -98,16 +132,7 @@ def train_plain(
             step_ends.append(t0)
         if on_step is not None:
             on_step(step)
-        x, y = sample_rank_batch(tokens, s.config.block_size, s.batch_size, s.data_seed, 0, step)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # no-ops when gathered there
-        with autocast():
-            _, loss = forward(x, y)
-        loss.backward()
-        if s.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, s.grad_clip, foreach=True)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = next(loop)
         if step >= warmup:
             step_ends.append(time.perf_counter())
     if on_step is not None:

@@ -8,7 +8,9 @@ TensorBoard logger, checkpoint callback and progress bar, and trainer.fit trains
 Both train the same network from the same initial weights on the same batches with the same optimizer, schedule,
 clipping and precision: --warmup untimed steps (first-step and compile costs), then --steps timed ones. Runs
 alternate in pairs whose order flips each repeat (ours-plain, plain-ours, ...), so drift on a shared machine and
-any edge of going first or second hit both sides alike; the medians are compared.
+any edge of going first or second hit both sides alike; the medians are compared. With --interleave the sides take
+turns every log_every_n_steps steps inside one of our runs instead (the plain loop runs in a callback, its time
+kept out of ours), so each pair of windows is a second apart; the median windows are compared.
 Any other argument (--model.*, --data.*, --trainer.*) goes to the training config of both sides.
 Prints a table, then one JSON line: {"ours_tokens_per_s", "plain_tokens_per_s", "ratio" (ours / plain), ...}.
 "windowed_ratio" is the same from each run's median window of log_every_n_steps steps instead of its whole time:
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 import logging
 import statistics
 import sys
@@ -26,15 +29,16 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
+import lightning as L
 import torch
 
 from nanogpt.cli import GPTLightningCLI
 from nanogpt.data import tokens_to_device
 from nanogpt.errors import NanoGPTError
-from plain_loop import PlainSettings, train_plain
-from timing import RunTimer, step_windows
+from plain_loop import PlainSettings, plain_steps, train_plain
+from timing import RunTimer, _sync, step_windows
 
 
 @dataclass
@@ -60,6 +64,9 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, li
                    help="CPU threads for both sides (torch.set_num_threads); 1 steadies figures on a busy machine")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's dense bf16 peak (H100 SXM 989): adds MFU to the results")
+    p.add_argument("--interleave", action="store_true",
+                   help="alternate the two sides every log_every_n_steps steps inside one of our runs, not run by\n"
+                        "run: each pair of windows is a second apart, so a shared machine's drift cancels")
     args, config_args = p.parse_known_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
         p.error("--steps and --repeats must be positive and --warmup not negative")
@@ -143,6 +150,89 @@ def run_plain(args: argparse.Namespace, config_args: list[str]) -> Run:
                window_tokens_per_s(r.step_ends, every, step_tokens))
 
 
+class Interleave(L.Callback):
+    """Runs the plain loop inside our run: after every `every` of our steps, `every` of its steps (--interleave).
+
+    Our window runs from the end of the plain one to our callback `every` steps later, so it holds one of each of
+    our per-step hooks, and with every = log_every_n_steps exactly one logging step; the plain window is its
+    `every` steps. A window pair with a validation in it is left out. Syncs the device at window edges only.
+    """
+
+    def __init__(self, plain: Iterator[torch.Tensor], warmup: int, every: int) -> None:
+        self.plain, self.warmup, self.every = plain, warmup, every
+        self.windows: list[tuple[float, float]] = []  # (ours, plain) seconds of each kept pair
+        self.cpu: list[tuple[float, float]] = []  # the same in process CPU time
+        self.plain_loss: Optional[torch.Tensor] = None
+        self._mark: Optional[tuple[float, float]] = None  # wall and CPU clocks where our window began
+        self._validated = False
+
+    def _plain(self, steps: int) -> None:
+        for _ in range(steps):
+            self.plain_loss = next(self.plain).detach()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._validated = self._validated or not trainer.sanity_checking
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if trainer.fit_loop._should_accumulate() or step < self.warmup or (step - self.warmup) % self.every:
+            return
+        _sync(pl_module)
+        ours_end = (time.perf_counter(), time.process_time())
+        if self._mark is None:  # the end of our warm-up: the plain loop warms up too, untimed
+            self._plain(self.warmup)
+        else:
+            self._plain(self.every)
+            _sync(pl_module)
+            plain_end = (time.perf_counter(), time.process_time())
+            if not self._validated:
+                self.windows.append((ours_end[0] - self._mark[0], plain_end[0] - ours_end[0]))
+                self.cpu.append((ours_end[1] - self._mark[1], plain_end[1] - ours_end[1]))
+        self._validated = False
+        self._mark = (time.perf_counter(), time.process_time())
+
+
+def run_interleaved(args: argparse.Namespace, config_args: list[str]) -> tuple[Interleave, float, int]:
+    """One of our runs with the plain loop interleaved; its windows, our final loss, and tokens per step."""
+    settings, tokens, device, every = plain_setup(args, config_args)
+    with tempfile.TemporaryDirectory(prefix="nanogpt-bench-") as run_dir:
+        cli = build_cli(args, config_args, run_dir)
+        interleave, timer = Interleave(plain_steps(settings, tokens, device), args.warmup, every), RunTimer()
+        cli.trainer.callbacks.extend([interleave, timer])
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        return interleave, timer.final_loss, tokens_per_step(cli) * every
+
+
+def report_interleaved(args: argparse.Namespace, config_args: list[str]) -> dict[str, Any]:
+    """--interleave: every repeat is one of our runs with the plain loop's windows between ours."""
+    windows: list[tuple[float, float]] = []
+    cpu: list[tuple[float, float]] = []
+    for i in range(args.repeats):
+        run, ours_loss, window_tokens = run_interleaved(args, config_args)
+        if not run.windows:
+            raise NanoGPTError(f"--interleave needs --steps of at least log_every_n_steps ({run.every}) and no "
+                               "validation in every window; pass more --steps")
+        windows += run.windows
+        cpu += run.cpu
+        o, p = (statistics.median(w[k] for w in run.windows) for k in (0, 1))
+        print(f"run {i + 1}/{args.repeats}: {len(run.windows)} window pairs, median ours {1e3 * o:.1f} ms, plain "
+              f"{1e3 * p:.1f} ms, ratio {p / o:.4f}; final loss ours {ours_loss:.4f}, plain {float(run.plain_loss):.4f}",
+              flush=True)
+    ours_s, plain_s = (statistics.median(w[k] for w in windows) for k in (0, 1))
+    pairs = [p / o for o, p in windows]  # ours / plain tokens/s of each adjacent pair
+    return {
+        "ours_tokens_per_s": round(window_tokens / ours_s, 1),
+        "plain_tokens_per_s": round(window_tokens / plain_s, 1),
+        "ratio": round(plain_s / ours_s, 4),
+        "paired_ratio_median": round(statistics.median(pairs), 4),
+        "window_pairs": len(windows),
+        "ours_cpu_ms_per_window": round(1e3 * statistics.median(c[0] for c in cpu), 3),
+        "plain_cpu_ms_per_window": round(1e3 * statistics.median(c[1] for c in cpu), 3),
+        "ours_final_loss": ours_loss,
+        "plain_final_loss": float(run.plain_loss),
+    }
+
+
 def flops_per_token(cli: GPTLightningCLI) -> float:
     """Training FLOPs per token (PaLM appendix B, as in nanoGPT): 6 per weight plus attention's 12 * L * T * C."""
     c = cli.model.config
@@ -153,23 +243,15 @@ def cpu_ms_per_step(runs: list[Run], side: str) -> float:
     return round(1e3 * statistics.median(r.cpu_seconds / r.steps for r in runs if r.side == side), 3)
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    args, config_args = parse_args(argv)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # the table is the output
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # we pass args on purpose
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        runs: list[Run] = []
-        for i in range(args.repeats):
-            for side in ((run_ours, run_plain) if i % 2 == 0 else (run_plain, run_ours)):
-                runs.append(side(args, config_args))
-                r = runs[-1]
-                print(f"run {i + 1}/{args.repeats} {r.side:>5}: {r.steps} steps in {r.seconds:.3f} s, "
-                      f"{r.tokens_per_s:,.0f} tokens/s, CPU {r.cpu_seconds:.3f} s, final loss {r.final_loss:.4f}", flush=True)
-    except NanoGPTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+def report_runs(args: argparse.Namespace, config_args: list[str]) -> dict[str, Any]:
+    """Whole runs of each side, alternating, their order flipping each repeat (the default)."""
+    runs: list[Run] = []
+    for i in range(args.repeats):
+        for side in ((run_ours, run_plain) if i % 2 == 0 else (run_plain, run_ours)):
+            runs.append(side(args, config_args))
+            r = runs[-1]
+            print(f"run {i + 1}/{args.repeats} {r.side:>5}: {r.steps} steps in {r.seconds:.3f} s, "
+                  f"{r.tokens_per_s:,.0f} tokens/s, CPU {r.cpu_seconds:.3f} s, final loss {r.final_loss:.4f}", flush=True)
 
     ours = [r.tokens_per_s for r in runs if r.side == "ours"]
     plain = [r.tokens_per_s for r in runs if r.side == "plain"]
@@ -181,13 +263,6 @@ def main(argv: Optional[list[str]] = None) -> None:
         "ours_tokens_per_s": round(ours_med, 1),
         "plain_tokens_per_s": round(plain_med, 1),
         "ratio": round(ours_med / plain_med, 4),
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-        "config": args.config,
-        "config_args": config_args,
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "repeats": args.repeats,
-        "threads": torch.get_num_threads(),
         # median CPU time per timed step: on a shared CPU with --threads 1, plain/ours of these is the steadier
         # estimate of the ratio (wall time also counts what other jobs take from us)
         "ours_cpu_ms_per_step": cpu_ms_per_step(runs, "ours"),
@@ -210,21 +285,41 @@ def main(argv: Optional[list[str]] = None) -> None:
         result["windowed_paired_ratio_median"] = round(statistics.median(o / p for o, p in zip(ours_w, plain_w)), 4)
         result["ours_window_runs"] = [round(x, 1) for x in ours_w]
         result["plain_window_runs"] = [round(x, 1) for x in plain_w]
-    if args.peak_tflops:
-        with tempfile.TemporaryDirectory(prefix="nanogpt-bench-") as run_dir:
-            fpt = flops_per_token(build_cli(args, config_args, run_dir))
-        result["ours_mfu"] = round(ours_med * fpt / (args.peak_tflops * 1e12), 4)
-        result["plain_mfu"] = round(plain_med * fpt / (args.peak_tflops * 1e12), 4)
 
     print()
     print(f"{'':>6} {'median tokens/s':>16} {'runs':>40}")
     for side, values, med in (("ours", ours, ours_med), ("plain", plain, plain_med)):
         print(f"{side:>6} {med:>16,.0f} {', '.join(f'{v:,.0f}' for v in values):>40}")
-    print(f"ratio ours/plain: {result['ratio']:.4f}  (median of paired runs {result['paired_ratio_median']:.4f}; "
-          f"{Path(args.config).name}, {result['device']})")
     if "windowed_ratio" in result:
         print(f"windowed ratio:   {result['windowed_ratio']:.4f}  (median of paired runs "
               f"{result['windowed_paired_ratio_median']:.4f}; each run's median window of log_every_n_steps steps)")
+    return result
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args, config_args = parse_args(argv)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # the table is the output
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # we pass args on purpose
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        result = report_interleaved(args, config_args) if args.interleave else report_runs(args, config_args)
+    except NanoGPTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    result.update(
+        mode="interleaved" if args.interleave else "runs",
+        device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        config=args.config, config_args=config_args, steps=args.steps, warmup=args.warmup, repeats=args.repeats,
+        threads=torch.get_num_threads(),
+    )
+    if args.peak_tflops:
+        with tempfile.TemporaryDirectory(prefix="nanogpt-bench-") as run_dir:
+            fpt = flops_per_token(build_cli(args, config_args, run_dir))
+        result["ours_mfu"] = round(result["ours_tokens_per_s"] * fpt / (args.peak_tflops * 1e12), 4)
+        result["plain_mfu"] = round(result["plain_tokens_per_s"] * fpt / (args.peak_tflops * 1e12), 4)
+    print(f"ratio ours/plain: {result['ratio']:.4f}  (median of paired {'windows' if args.interleave else 'runs'} "
+          f"{result['paired_ratio_median']:.4f}; {Path(args.config).name}, {result['device']})")
     print(json.dumps(result))
 
 

@@ -50,6 +50,32 @@ def test_harness_prints_both_figures_as_its_last_line(benchmarks, capsys):
     assert not list(benchmarks.iterdir())  # run dirs were temporary
 
 
+def test_harness_can_interleave_the_two_sides_inside_one_run(benchmarks, capsys):
+    import throughput
+
+    throughput.main(["--config", str(TINY_CONFIG), "--steps", "6", "--warmup", "2", "--repeats", "1",
+                     "--device", "cpu", "--interleave", "--trainer.log_every_n_steps", "2"])
+    last, out = _last_json_line(capsys)
+    assert last["mode"] == "interleaved" and last["window_pairs"] == 3  # 6 timed steps in windows of 2
+    assert last["ours_tokens_per_s"] > 0 and last["plain_tokens_per_s"] > 0
+    assert last["ratio"] == pytest.approx(last["ours_tokens_per_s"] / last["plain_tokens_per_s"], rel=1e-3)
+    assert last["ours_cpu_ms_per_window"] > 0 and last["plain_cpu_ms_per_window"] > 0
+    # the plain loop took its 2 warm-up and 6 timed steps between ours: both end at the same loss
+    assert last["ours_final_loss"] == pytest.approx(last["plain_final_loss"], rel=1e-5)
+    assert "3 window pairs" in out and "ours/plain" in out
+
+
+def test_interleaving_needs_a_whole_window(benchmarks, capsys):
+    import throughput
+
+    with pytest.raises(SystemExit) as exit_info:
+        throughput.main(["--config", str(TINY_CONFIG), "--steps", "1", "--warmup", "1", "--repeats", "1",
+                         "--device", "cpu", "--interleave"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --interleave needs --steps of at least log_every_n_steps (10)")
+
+
 def test_timed_run_reports_validation_share_and_time_to_target(benchmarks, capsys):
     import timed_run
 
@@ -152,3 +178,31 @@ def test_the_run_timer_keeps_validation_out_of_its_step_clock(benchmarks):
     steps = [b - a for a, b in zip(timer.step_ends, timer.step_ends[1:])]
     assert all(0 < s < 0.5 for s in steps), steps  # the pause after step 4 is not in step 5's time
     assert timer.step_ends[-1] - timer.step_ends[0] == pytest.approx(timer.train_seconds, abs=0.05)
+
+
+def test_step_phases_splits_both_sides_steps_at_the_same_points(benchmarks, capsys):
+    import step_phases
+
+    step_phases.main(["--config", str(TINY_CONFIG), "--steps", "6", "--warmup", "2", "--repeats", "1",
+                      "--trainer.log_every_n_steps", "3"])
+    last, out = _last_json_line(capsys)
+    for side in ("ours_ms", "plain_ms"):
+        assert set(last[side]) == set(step_phases.PHASES)
+        assert all(v > 0 for v in last[side].values()), last[side]
+        assert last[side]["step"] > last[side]["backward"] > 0
+    assert all(last["extra_ms"][p] == pytest.approx(last["ours_ms"][p] - last["plain_ms"][p], abs=2e-3)
+               for p in step_phases.PHASES)
+    assert "between" in out and "update" in out
+
+
+def test_phase_clock_counts_whole_steps_only():
+    from step_phases import PhaseClock
+
+    clock = PhaseClock()
+    clock.marks = [("end", 0.0), ("batch", 1.0), ("forward", 3.0), ("backward", 6.0), ("end", 7.0),  # step 1
+                   ("batch", 8.0), ("forward", 9.0), ("end", 9.5),  # a step without a backward mark: left out
+                   ("batch", 10.0), ("forward", 11.0), ("backward", 12.0), ("end", 14.0)]  # step 3
+    assert clock.phases(1, set()) == {"between": [1.0, 0.5], "forward": [2.0, 1.0], "backward": [3.0, 1.0],
+                                      "update": [1.0, 2.0], "step": [7.0, 4.5]}
+    assert clock.phases(2, set())["step"] == [4.5]
+    assert clock.phases(1, {3})["step"] == [7.0]
