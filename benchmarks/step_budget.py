@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import statistics
 import tempfile
 import time
-import warnings
 from typing import Any, Callable, Optional
 
 import lightning as L
@@ -30,6 +28,7 @@ import torch
 
 import throughput
 from nanogpt.fault import NonFiniteGuard
+from timing import quiet_lightning, step_bench_parser
 
 
 class StepClock(L.Callback):
@@ -112,17 +111,12 @@ def time_guard(args: argparse.Namespace, config_args: list[str]) -> dict[str, fl
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True)
-    p.add_argument("--steps", type=int, default=300, help="timed steps of the training run")
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps before them")
+    p = step_bench_parser(__doc__, 300, "timed steps of the training run")
     p.add_argument("--rounds", type=int, default=60, help="alternating rounds of 100 optimizer ends, each variant")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args, config_args = p.parse_known_args(argv)
     if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
         p.error("--steps and --rounds must be positive and --warmup not negative")
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    quiet_lightning()
 
     result = {**time_logging(args, config_args), **time_guard(args, config_args)}
     result.update(config=args.config, config_args=config_args, steps=args.steps, rounds=args.rounds,

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import statistics
 import tempfile
 import time
-import warnings
 from typing import Any, Optional
 
 import lightning as L
@@ -31,6 +29,7 @@ import torch
 
 import throughput
 from plain_loop import plain_steps
+from timing import quiet_lightning, step_bench_parser
 
 PHASES = ("between", "forward", "backward", "update", "step")
 _CUTS = ("batch", "forward", "backward", "end")  # the marks, in step order
@@ -114,18 +113,12 @@ def run_plain(args: argparse.Namespace, config_args: list[str]) -> dict[str, flo
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True)
-    p.add_argument("--steps", type=int, default=200, help="timed steps per run")
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps before them")
+    p = step_bench_parser(__doc__, 200, "timed steps per run")
     p.add_argument("--repeats", type=int, default=4, help="runs of each side, alternating")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args, config_args = p.parse_known_args(argv)
     if args.steps < 2 or args.repeats < 1 or args.warmup < 0:
         p.error("--steps must be at least 2, --repeats positive and --warmup not negative")
-    args.threads, args.peak_tflops, args.interleave = None, None, False  # what throughput.build_cli reads
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    quiet_lightning()
 
     runs: dict[str, list[dict[str, float]]] = {"ours": [], "plain": []}
     for i in range(args.repeats):

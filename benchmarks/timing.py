@@ -1,8 +1,12 @@
-"""A callback that times a real Trainer run from the inside, without adding a device sync to ordinary steps."""
+"""A callback that times a real Trainer run from the inside, without adding a device sync to ordinary steps;
+and what the per-step benchmarks share."""
 
 from __future__ import annotations
 
+import argparse
+import logging
 import time
+import warnings
 from typing import Any, Optional
 
 import lightning as L
@@ -130,3 +134,19 @@ def step_windows(step_ends: list[float], every: int) -> list[float]:
     step time that counts logging's cost but not a neighbour's burst on a shared machine.
     """
     return [step_ends[i + every] - step_ends[i] for i in range(0, len(step_ends) - every, every)]
+
+
+def step_bench_parser(doc: str, steps: int, steps_help: str) -> argparse.ArgumentParser:
+    """The options step_budget.py and step_phases.py share: --config, --steps, --warmup, --device."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--steps", type=int, default=steps, help=steps_help)
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps before them")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    return p
+
+
+def quiet_lightning() -> None:
+    """Lightning's info lines and the CLI's args warning off: a benchmark's table is its output."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # args are passed on purpose
