@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-import logging
 import statistics
 import sys
 import tempfile
-import warnings
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -38,7 +36,7 @@ from nanogpt.cli import GPTLightningCLI
 from nanogpt.data import tokens_to_device
 from nanogpt.errors import NanoGPTError
 from plain_loop import PlainSettings, plain_steps, train_plain
-from timing import RunTimer, _sync, step_windows
+from timing import RunTimer, quiet_lightning, step_windows, sync_device
 
 
 @dataclass
@@ -177,13 +175,13 @@ class Interleave(L.Callback):
         step = trainer.global_step
         if trainer.fit_loop._should_accumulate() or step < self.warmup or (step - self.warmup) % self.every:
             return
-        _sync(pl_module)
+        sync_device(pl_module)
         ours_end = (time.perf_counter(), time.process_time())
         if self._mark is None:  # the end of our warm-up: the plain loop warms up too, untimed
             self._plain(self.warmup)
         else:
             self._plain(self.every)
-            _sync(pl_module)
+            sync_device(pl_module)
             plain_end = (time.perf_counter(), time.process_time())
             if not self._validated:
                 self.windows.append((ours_end[0] - self._mark[0], plain_end[0] - ours_end[0]))
@@ -298,8 +296,7 @@ def report_runs(args: argparse.Namespace, config_args: list[str]) -> dict[str, A
 
 def main(argv: Optional[list[str]] = None) -> None:
     args, config_args = parse_args(argv)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # the table is the output
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # we pass args on purpose
+    quiet_lightning()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

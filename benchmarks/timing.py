@@ -13,7 +13,8 @@ import lightning as L
 import torch
 
 
-def _sync(module: L.LightningModule) -> None:
+def sync_device(module: L.LightningModule) -> None:
+    """Waits for the module's queued GPU work (a no-op on a CPU)."""
     if module.device.type == "cuda":
         torch.cuda.synchronize(module.device)
 
@@ -51,7 +52,7 @@ class RunTimer(L.Callback):
         self._cpu_val_in_window = 0.0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        _sync(pl_module)
+        sync_device(pl_module)
         self.run_start = time.perf_counter()
         if self.warmup == 0:
             self.t0, self._cpu0 = self.run_start, time.process_time()
@@ -64,7 +65,7 @@ class RunTimer(L.Callback):
     ) -> None:
         step = trainer.global_step  # optimizer steps done, this one included
         if self.t0 is None and step >= self.warmup:
-            _sync(pl_module)
+            sync_device(pl_module)
             self.t0 = time.perf_counter()
             self._cpu0 = time.process_time()
             self._val_in_window = 0.0
@@ -75,13 +76,13 @@ class RunTimer(L.Callback):
             self._ends_step = step  # micro-batch of one); no sync: over a window the device's queue evens out
             self.step_ends.append(time.perf_counter() - self._val_in_window)
         if step >= trainer.max_steps > 0:
-            _sync(pl_module)
+            sync_device(pl_module)
             self._finish(time.perf_counter(), step, outputs)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        _sync(pl_module)  # pending training kernels belong to training, not validation
+        sync_device(pl_module)  # pending training kernels belong to training, not validation
         self._pause_start = time.perf_counter()
         self._cpu_pause_start = time.process_time()
 
@@ -108,7 +109,7 @@ class RunTimer(L.Callback):
     def _end_pause(self, pl_module: L.LightningModule) -> None:
         if self._pause_start is None:
             return
-        _sync(pl_module)
+        sync_device(pl_module)
         pause = time.perf_counter() - self._pause_start
         cpu_pause = time.process_time() - self._cpu_pause_start
         self._pause_start = None

@@ -239,8 +239,7 @@ class GPTModule(L.LightningModule):
         optimizer.step(closure=optimizer_closure)
         # nanoGPT's order: free the gradients as soon as the update is done. Lightning zeroes them later, after the
         # next forward pass, so they would sit in memory beside its activations (a higher peak) and be freed in
-        # the middle of the step (about 0.1 ms more a step on a CPU; benchmarks/RESULTS.md). The next backward
-        # pass starts from None either way, so the numbers are the same
+        # the middle of the step. The next backward pass starts from None either way, so the numbers are the same
         optimizer.zero_grad(set_to_none=True)
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: Any) -> None:
