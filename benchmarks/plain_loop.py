@@ -12,7 +12,7 @@ import contextlib
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -57,57 +57,64 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def plain_steps(
-    s: PlainSettings,
-    tokens: Union[np.ndarray, torch.Tensor],
-    device: torch.device,
-    mark: Optional[Callable[[str], None]] = None,
-) -> Iterator[torch.Tensor]:
-    """The loop itself, one optimizer step per next(): builds the model and optimizer, then yields each step's loss.
+class PlainLoop:
+    """The loop itself: building it makes the model, optimizer and schedule; step() runs one optimizer step.
 
-    A generator, so throughput.py --interleave can run it in short stretches between our Lightning steps.
-    mark(phase), when given, is called as each step's batch is ready and its forward and backward passes end
-    (step_phases.py times the phases with it).
+    An object rather than one function, so throughput.py --interleave can run it in short stretches between our
+    Lightning steps. mark(phase), when given, is called as each step's batch is ready and its forward and backward
+    passes end (step_phases.py times the phases with it).
     """
-    torch.manual_seed(s.seed)
-    model = GPT(s.config).to(device)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(  # fused, as GPTModule's wherever torch has the kernel (CPU and CUDA)
-        groups, lr=s.learning_rate, betas=(s.beta1, s.beta2), fused=device.type in ("cuda", "cpu")
-    )
-    schedule = partial(
-        warmup_cosine, warmup_steps=s.warmup_steps, decay_steps=s.decay_steps, min_ratio=s.min_lr / s.learning_rate
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    forward = torch.compile(model, dynamic=False) if s.compile else model
-    autocast = (
-        partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16) if s.bf16 else contextlib.nullcontext
-    )
-    step = 0
-    while True:
-        x, y = sample_rank_batch(tokens, s.config.block_size, s.batch_size, s.data_seed, 0, step)
+
+    def __init__(
+        self,
+        s: PlainSettings,
+        tokens: Union[np.ndarray, torch.Tensor],
+        device: torch.device,
+        mark: Optional[Callable[[str], None]] = None,
+    ) -> None:
+        self.s, self.tokens, self.device, self.mark = s, tokens, device, mark
+        torch.manual_seed(s.seed)
+        model = GPT(s.config).to(device)
+        model.train()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in self.params if p.dim() >= 2], "weight_decay": s.weight_decay},
+            {"params": [p for p in self.params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        self.optimizer = torch.optim.AdamW(  # fused, as GPTModule's wherever torch has the kernel (CPU and CUDA)
+            groups, lr=s.learning_rate, betas=(s.beta1, s.beta2), fused=device.type in ("cuda", "cpu")
+        )
+        schedule = partial(
+            warmup_cosine, warmup_steps=s.warmup_steps, decay_steps=s.decay_steps, min_ratio=s.min_lr / s.learning_rate
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.forward = torch.compile(model, dynamic=False) if s.compile else model
+        self.autocast = (
+            partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16) if s.bf16 else contextlib.nullcontext
+        )
+        self.steps_done = 0
+
+    def step(self) -> torch.Tensor:
+        """One optimizer step; returns its loss."""
+        s, device, mark = self.s, self.device, self.mark
+        x, y = sample_rank_batch(self.tokens, s.config.block_size, s.batch_size, s.data_seed, 0, self.steps_done)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # no-ops when gathered there
         if mark is not None:
             mark("batch")
-        with autocast():
-            _, loss = forward(x, y)
+        with self.autocast():
+            _, loss = self.forward(x, y)
         if mark is not None:
             mark("forward")
         loss.backward()
         if mark is not None:
             mark("backward")
         if s.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, s.grad_clip, foreach=True)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        yield loss
+            torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip, foreach=True)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_done += 1
+        return loss
 
 
 def train_plain(
@@ -122,7 +129,7 @@ def train_plain(
 
     on_step(step), when given, is called before each step and once after the last (step_calls.py counts with it).
     """
-    loop = plain_steps(s, tokens, device)
+    loop = PlainLoop(s, tokens, device)
     t0, cpu0 = time.perf_counter(), time.process_time()
     step_ends: list[float] = []
     for step in range(warmup + steps):
@@ -132,7 +139,7 @@ def train_plain(
             step_ends.append(t0)
         if on_step is not None:
             on_step(step)
-        loss = next(loop)
+        loss = loop.step()
         if step >= warmup:
             step_ends.append(time.perf_counter())
     if on_step is not None:

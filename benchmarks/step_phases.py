@@ -28,7 +28,7 @@ import lightning as L
 import torch
 
 import throughput
-from plain_loop import plain_steps
+from plain_loop import PlainLoop
 from timing import quiet_lightning, step_bench_parser
 
 PHASES = ("between", "forward", "backward", "update", "step")
@@ -104,10 +104,10 @@ def run_ours(args: argparse.Namespace, config_args: list[str]) -> dict[str, floa
 def run_plain(args: argparse.Namespace, config_args: list[str]) -> dict[str, float]:
     settings, tokens, device, _ = throughput.plain_setup(args, config_args)
     clock = PhaseClock()
+    loop = PlainLoop(settings, tokens, device, mark=clock)
     clock("end")  # the start of step 1
-    loop = plain_steps(settings, tokens, device, mark=clock)
     for _ in range(args.warmup + args.steps):
-        next(loop)
+        loop.step()
         clock("end")
     return _medians(clock.phases(args.warmup + 1, set()))
 

@@ -27,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import lightning as L
 import torch
@@ -35,7 +35,7 @@ import torch
 from nanogpt.cli import GPTLightningCLI
 from nanogpt.data import tokens_to_device
 from nanogpt.errors import NanoGPTError
-from plain_loop import PlainSettings, plain_steps, train_plain
+from plain_loop import PlainLoop, PlainSettings, train_plain
 from timing import RunTimer, quiet_lightning, step_windows, sync_device
 
 
@@ -156,7 +156,7 @@ class Interleave(L.Callback):
     `every` steps. A window pair with a validation in it is left out. Syncs the device at window edges only.
     """
 
-    def __init__(self, plain: Iterator[torch.Tensor], warmup: int, every: int) -> None:
+    def __init__(self, plain: PlainLoop, warmup: int, every: int) -> None:
         self.plain, self.warmup, self.every = plain, warmup, every
         self.windows: list[tuple[float, float]] = []  # (ours, plain) seconds of each kept pair
         self.cpu: list[tuple[float, float]] = []  # the same in process CPU time
@@ -166,7 +166,7 @@ class Interleave(L.Callback):
 
     def _plain(self, steps: int) -> None:
         for _ in range(steps):
-            self.plain_loss = next(self.plain).detach()
+            self.plain_loss = self.plain.step().detach()
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._validated = self._validated or not trainer.sanity_checking
@@ -195,7 +195,7 @@ def run_interleaved(args: argparse.Namespace, config_args: list[str]) -> tuple[I
     settings, tokens, device, every = plain_setup(args, config_args)
     with tempfile.TemporaryDirectory(prefix="nanogpt-bench-") as run_dir:
         cli = build_cli(args, config_args, run_dir)
-        interleave, timer = Interleave(plain_steps(settings, tokens, device), args.warmup, every), RunTimer()
+        interleave, timer = Interleave(PlainLoop(settings, tokens, device), args.warmup, every), RunTimer()
         cli.trainer.callbacks.extend([interleave, timer])
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         return interleave, timer.final_loss, tokens_per_step(cli) * every
