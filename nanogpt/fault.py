@@ -70,8 +70,9 @@ class NonFiniteGuard:
         self._found_inf: Optional[torch.Tensor] = None  # () float32 handed to the fused optimizer, updated in place
         # the CPU's way: the same record in plain Python, no tensor ops
         self._host_loss_ok = True  # this step's micro-batch losses so far were all finite
-        self._host_first_bad: Optional[int] = None  # the first step with a non-finite loss
-        self._host_seen = False  # a step was seen this way (so every rank takes part in bad_step's all-reduce)
+        # the first step with a non-finite loss; _NONE once a step was seen this way, None before (then bad_step has
+        # nothing of it to all-reduce)
+        self._host_first_bad: Optional[int] = None
 
     def _on_host(self, t: torch.Tensor) -> bool:
         return t.device.type == "cpu" and not self.skip_on_device
@@ -90,23 +91,24 @@ class NonFiniteGuard:
         check_grads=False where a GradScaler owns inf gradients (fp16): it skips those steps itself, by design.
         """
         if self._on_host(grad_norm):
-            loss_ok, self._host_loss_ok, self._host_seen = self._host_loss_ok, True, True
+            loss_ok, self._host_loss_ok = self._host_loss_ok, True
             if check_grads and not math.isfinite(grad_norm.item()):  # equal on every rank: all stop here together
                 raise NonFiniteLossError(self.message(step))
-            if not loss_ok and self._host_first_bad is None:  # one rank's loss: agreed on at the next check
-                self._host_first_bad = step
+            first = _NONE if self._host_first_bad is None else self._host_first_bad
+            # a bad loss may be one rank's: the ranks agree on it at the next check
+            self._host_first_bad = first if loss_ok else min(first, step)
             return
         ok, self._loss_ok = self._loss_ok, None
         if check_grads:
             grads_ok = torch.isfinite(grad_norm)
-            on_device = self.skip_on_device if self.skip_on_device is not None else grad_norm.device.type != "cpu"
-            if on_device and getattr(optimizer, "defaults", {}).get("fused"):
+            # off the CPU (or skip_on_device=True on it): skip on the device unless told not to
+            if self.skip_on_device is not False and getattr(optimizer, "defaults", {}).get("fused"):
                 if self._found_inf is None or self._found_inf.device != grad_norm.device:
                     self._found_inf = torch.zeros((), dtype=torch.float32, device=grad_norm.device)
                 # 1.0 where the gradients are not finite; every rank sees the same norm, so all skip the same steps
                 torch.logical_not(grads_ok, out=self._found_inf)
                 optimizer.found_inf = self._found_inf
-            elif not bool(grads_ok):  # a CPU, or an optimizer that cannot skip on the device: check now
+            elif not bool(grads_ok):  # skip_on_device=False, or an optimizer that cannot skip: check now (a sync)
                 raise NonFiniteLossError(self.message(step))
             ok = grads_ok if ok is None else ok & grads_ok
         if ok is not None:
@@ -131,8 +133,8 @@ class NonFiniteGuard:
         """
         self._fold()
         first = self._first_bad
-        if self._host_seen:
-            host = torch.tensor(_NONE if self._host_first_bad is None else self._host_first_bad)
+        if self._host_first_bad is not None:
+            host = torch.tensor(self._host_first_bad)
             first = host if first is None else torch.minimum(first, host.to(first.device))
         if first is None:
             return None
