@@ -112,7 +112,11 @@ def plain_setup(args: argparse.Namespace, config_args: list[str]) -> tuple[Plain
     """The plain loop's settings, tokens and device, from the training config resolved as for ours, and the
     config's log_every_n_steps (the window of the windowed figure, as ours')."""
     with tempfile.TemporaryDirectory(prefix="nanogpt-bench-") as run_dir:
-        cli = build_cli(args, config_args, run_dir)  # only to resolve the config as train.py does
+        return plain_setup_from(build_cli(args, config_args, run_dir))  # the CLI only resolves the config
+
+
+def plain_setup_from(cli: GPTLightningCLI) -> tuple[PlainSettings, Any, torch.device, int]:
+    """plain_setup from a training CLI already built (--interleave: the one of our run)."""
     hp, trainer, dm = cli.model.hparams, cli.trainer, cli.datamodule
     if trainer.precision not in ("32-true", "bf16-mixed"):
         raise NanoGPTError(f"the plain loop runs 32-true or bf16-mixed, not {trainer.precision}; pass --trainer.precision")
@@ -192,9 +196,9 @@ class Interleave(L.Callback):
 
 def run_interleaved(args: argparse.Namespace, config_args: list[str]) -> tuple[Interleave, float, int]:
     """One of our runs with the plain loop interleaved; its windows, our final loss, and tokens per step."""
-    settings, tokens, device, every = plain_setup(args, config_args)
     with tempfile.TemporaryDirectory(prefix="nanogpt-bench-") as run_dir:
         cli = build_cli(args, config_args, run_dir)
+        settings, tokens, device, every = plain_setup_from(cli)
         interleave, timer = Interleave(PlainLoop(settings, tokens, device), args.warmup, every), RunTimer()
         cli.trainer.callbacks.extend([interleave, timer])
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
