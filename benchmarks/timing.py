@@ -56,6 +56,7 @@ class RunTimer(L.Callback):
         self.run_start = time.perf_counter()
         if self.warmup == 0:
             self.t0, self._cpu0 = self.run_start, time.process_time()
+            self.step_ends.append(self.t0)  # where step 1 starts
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._end_pause(pl_module)

@@ -192,6 +192,20 @@ def test_the_run_timer_keeps_validation_out_of_its_step_clock(benchmarks):
     assert timer.step_ends[-1] - timer.step_ends[0] == pytest.approx(timer.train_seconds, abs=0.05)
 
 
+def test_the_run_timer_clocks_every_step_without_warmup(benchmarks):
+    import throughput
+    from timing import RunTimer, step_windows
+
+    args, config_args = throughput.parse_args(["--config", str(TINY_CONFIG), "--steps", "4", "--warmup", "0",
+                                               "--device", "cpu"])
+    cli = throughput.build_cli(args, config_args, str(benchmarks / "run"))
+    timer = RunTimer(warmup=0)
+    cli.trainer.callbacks.append(timer)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert timer.timed_steps == 4 and len(timer.step_ends) == 5  # the start of step 1 and the end of each step
+    assert len(step_windows(timer.step_ends, 2)) == 2
+
+
 def test_step_phases_splits_both_sides_steps_at_the_same_points(benchmarks, capsys):
     import step_phases
 
