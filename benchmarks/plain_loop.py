@@ -89,8 +89,12 @@ class PlainLoop:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.forward = torch.compile(model, dynamic=False) if s.compile else model
+        # exactly Lightning's "bf16-mixed" context, weight-cast cache off included: under torch.compile the cache
+        # setting is part of the graph's guards, so a different one would compile another graph than ours
         self.autocast = (
-            partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16) if s.bf16 else contextlib.nullcontext
+            partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16, cache_enabled=False)
+            if s.bf16
+            else contextlib.nullcontext
         )
         self.steps_done = 0
 

@@ -50,6 +50,31 @@ def test_harness_prints_both_figures_as_its_last_line(benchmarks, capsys):
     assert not list(benchmarks.iterdir())  # run dirs were temporary
 
 
+def test_both_sides_train_under_the_same_bf16_autocast(benchmarks, capsys, monkeypatch):
+    # the yardstick must run the very autocast context Lightning's "bf16-mixed" runs ours in: under torch.compile
+    # (the GPU figures) every part of it, the weight-cast cache switch too, is a guard of the compiled graph, so a
+    # different one compiles a second, different graph and the two sides no longer train the same way
+    import throughput
+    import torch
+
+    from nanogpt.model import GPT
+
+    seen: list[tuple[bool, torch.dtype, bool]] = []
+    forward = GPT.forward
+
+    def observed(self, *args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), torch.is_autocast_cache_enabled()))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "forward", observed)
+    throughput.main(["--config", str(TINY_CONFIG), "--steps", "2", "--warmup", "1", "--repeats", "1",
+                     "--device", "cpu", "--trainer.precision", "bf16-mixed", "--trainer.log_every_n_steps", "1"])
+    last, _ = _last_json_line(capsys)
+    assert len(seen) >= 6  # 3 training steps on each side (validation, if any, runs in the same context)
+    assert set(seen) == {seen[0]} and seen[0][:2] == (True, torch.bfloat16)
+    assert last["ours_final_loss"] == last["plain_final_loss"]  # bit for bit: the same casts in the same places
+
+
 def test_harness_can_interleave_the_two_sides_inside_one_run(benchmarks, capsys):
     import throughput
 
