@@ -57,6 +57,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def optimizer_and_schedule(
+    params: list[torch.nn.Parameter], s: PlainSettings, device: torch.device
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """GPTModule's AdamW (decay on matrices and embeddings only, fused wherever torch has the kernel: CPU and CUDA)
+    and its warmup + cosine schedule, stepped once per optimizer step."""
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=s.learning_rate, betas=(s.beta1, s.beta2), fused=device.type in ("cuda", "cpu"))
+    schedule = partial(
+        warmup_cosine, warmup_steps=s.warmup_steps, decay_steps=s.decay_steps, min_ratio=s.min_lr / s.learning_rate
+    )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
 class PlainLoop:
     """The loop itself: building it makes the model, optimizer and schedule; step() runs one optimizer step.
 
@@ -77,17 +93,7 @@ class PlainLoop:
         model = GPT(s.config).to(device)
         model.train()
         self.params = [p for p in model.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in self.params if p.dim() >= 2], "weight_decay": s.weight_decay},
-            {"params": [p for p in self.params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        self.optimizer = torch.optim.AdamW(  # fused, as GPTModule's wherever torch has the kernel (CPU and CUDA)
-            groups, lr=s.learning_rate, betas=(s.beta1, s.beta2), fused=device.type in ("cuda", "cpu")
-        )
-        schedule = partial(
-            warmup_cosine, warmup_steps=s.warmup_steps, decay_steps=s.decay_steps, min_ratio=s.min_lr / s.learning_rate
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.optimizer, self.scheduler = optimizer_and_schedule(self.params, s, device)
         self.forward = torch.compile(model, dynamic=False) if s.compile else model
         # exactly Lightning's "bf16-mixed" context, weight-cast cache off included: under torch.compile the cache
         # setting is part of the graph's guards, so a different one would compile another graph than ours

@@ -172,6 +172,23 @@ def test_step_budget_times_logging_steps_and_the_guard(benchmarks, capsys):
     assert not list(benchmarks.iterdir())
 
 
+def test_lightning_floor_trains_all_three_sides_alike(benchmarks, capsys):
+    import lightning_floor
+
+    lightning_floor.main(["--config", str(TINY_CONFIG), "--steps", "3", "--warmup", "1", "--repeats", "1",
+                          "--trainer.log_every_n_steps", "2"])
+    last, out = _last_json_line(capsys)
+    for side in ("ours", "bare", "plain"):
+        assert last[f"{side}_ms"] > 0 and last["wall_ms"][side] > 0 and len(last["cpu_ms_runs"][side]) == 1
+    assert last["ours_minus_bare_ms"] == pytest.approx(last["ours_ms"] - last["bare_ms"], abs=2e-3)
+    assert last["bare_minus_plain_ms"] == pytest.approx(last["bare_ms"] - last["plain_ms"], abs=2e-3)
+    # the same weights, batches, optimizer, schedule and clipping: the same loss after the same 4 steps
+    losses = last["final_loss"]
+    assert losses["ours"] == pytest.approx(losses["plain"], rel=1e-5) and losses["bare"] == pytest.approx(losses["plain"], rel=1e-5)
+    assert "Lightning's loop over the plain loop" in out
+    assert not list(benchmarks.iterdir())  # run dirs were temporary
+
+
 def test_step_windows_cut_the_training_clock_into_equal_steps():
     from timing import step_windows
 
