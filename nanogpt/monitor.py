@@ -311,14 +311,18 @@ class TrainingMonitor(Callback):
         was_training = pl_module.model.training
         pl_module.model.eval()
         try:
-            return sample(
-                pl_module.model,
-                pl_module.tokenizer,
-                self.sample_prompt,
-                max_new_tokens=self.sample_tokens,
-                temperature=self.sample_temperature,
-                seed=self.sample_seed,
-            )[0]
+            # eager even when the model is compiled (--model.compile true): every decoding step has a new input
+            # shape (the prompt, then one token of a growing sequence), so the compiled model would build graph
+            # after graph for one sample, up to dynamo's recompile limit, at the first validation of every run
+            with torch.compiler.set_stance("force_eager"):
+                return sample(
+                    pl_module.model,
+                    pl_module.tokenizer,
+                    self.sample_prompt,
+                    max_new_tokens=self.sample_tokens,
+                    temperature=self.sample_temperature,
+                    seed=self.sample_seed,
+                )[0]
         finally:
             pl_module.model.train(was_training)
 

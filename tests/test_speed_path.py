@@ -4,6 +4,8 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from nanogpt.data import CharDataModule, sample_batch, sample_rank_batch, tokens_fit_on_device, tokens_to_device
 from nanogpt.fault import NonFiniteGuard
@@ -122,16 +124,21 @@ def test_compiled_model_never_recompiles_after_the_first_validation(tmp_path, sh
     model = GPTModule(vocab_size=dm.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.1,
                       compile=True)
     graphs = _CountGraphs()
+    # as in a real run, the monitor writes a text sample after every validation (to TensorBoard); it is generated
+    # one token at a time, a new input shape each, and must not compile a graph for each of them
+    monitor = TrainingMonitor(sample_tokens=24)
     trainer = L.Trainer(
         accelerator="cpu", max_steps=15, val_check_interval=5, check_val_every_n_epoch=None, num_sanity_val_steps=0,
-        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False, logger=False,
-        default_root_dir=tmp_path, callbacks=[graphs],
+        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+        logger=TensorBoardLogger(tmp_path, name="", version=""), default_root_dir=tmp_path,
+        callbacks=[monitor, graphs],  # graphs counts after the monitor's sample
     )
     trainer.fit(model, datamodule=dm)
     assert len(graphs.after_validation) == 3
-    first = graphs.after_validation[0]
-    assert first >= 3  # training, evaluation, and evaluation of the smaller last batch
-    assert graphs.after_validation == [first] * 3  # and nothing was compiled again
+    # training, evaluation, and evaluation of the smaller last batch; nothing for the samples
+    assert graphs.after_validation == [3, 3, 3]
+    samples = [e for e in EventAccumulator(str(tmp_path), size_guidance={"tensors": 0}).Reload().Tensors("val/sample")]
+    assert len(samples) == 3 and all(len(e.tensor_proto.string_val[0]) > 24 for e in samples)
     torch._dynamo.reset()
 
 
