@@ -66,6 +66,7 @@ class RunCheckpoint(ModelCheckpoint):
         self.every_n_steps = every_n_steps
         self.keep_last_k = keep_last_k
         self._last_step_in_last: Optional[int] = None  # the global step last.ckpt holds, once this run wrote it
+        self._best_shared: Optional[tuple[int, str]] = None  # (step, file) of a best.ckpt that last.ckpt can link to
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -170,8 +171,27 @@ class RunCheckpoint(ModelCheckpoint):
             )
         super()._save_checkpoint(trainer, filepath)
 
+    def _update_best_and_save(self, current: Any, trainer: L.Trainer, monitor_candidates: dict) -> None:
+        # Lightning writes best.ckpt and then last.ckpt of one and the same state. With last.ckpt named in the
+        # callback state before the first write, the state stored in best.ckpt is right for last.ckpt too, and
+        # last.ckpt becomes a hard link to it (_save_last_checkpoint): one write of the state instead of two
+        last = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
+        shared = self.save_last is True and self.last_model_path in ("", last)
+        if shared:
+            self.last_model_path = last
+        super()._update_best_and_save(current, trainer, monitor_candidates)
+        self._best_shared = (trainer.global_step, self._last_checkpoint_saved) if shared else None
+
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
-        super()._save_last_checkpoint(trainer, monitor_candidates)
+        shared, self._best_shared = self._best_shared, None
+        last = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
+        if shared is not None and shared[0] == trainer.global_step and self.last_model_path == last:
+            if trainer.is_global_zero:
+                atomic_link(shared[1], last)  # best.ckpt's state, written at this very step
+            trainer.strategy.barrier()
+            self._last_checkpoint_saved = last
+        else:
+            super()._save_last_checkpoint(trainer, monitor_candidates)
         if not self.save_last or self._last_global_step_saved != trainer.global_step:
             return
         self._last_step_in_last = trainer.global_step

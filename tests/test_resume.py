@@ -152,6 +152,23 @@ def test_stop_and_resume_between_validations_is_bit_exact(straight, nanogpt_cach
     assert len(ckpt["rng_states"]) == 1 and set(ckpt["rng_states"][0]) == {"torch", "cuda", "numpy", "python"}
 
 
+@pytest.mark.slow
+def test_a_run_ending_at_a_validation_resumes_from_its_shared_last_checkpoint(straight, nanogpt_cache, tmp_path):
+    # the run ends at step 25, whose validation improves val/loss: last.ckpt is a hard link to best.ckpt there,
+    # so what it holds was written as best.ckpt; resuming from it must be the same as resuming from a last.ckpt
+    run = tmp_path / "run"
+    first = train(run, nanogpt_cache, max_steps=25)
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpts = run / "checkpoints"
+    assert (ckpts / "last.ckpt").stat().st_ino == (ckpts / "best.ckpt").stat().st_ino
+    assert load(ckpts / "last.ckpt")["global_step"] == 25
+    second = train(run, nanogpt_cache, resume=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert_same_training(straight, run)
+    # the callback state continued the same files: no last-v1.ckpt or best-v1.ckpt beside them
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best.ckpt", "last.ckpt", "step-00000050.ckpt", "step-00000060.ckpt"]
+
+
 # ---- 2. atomic checkpoints, every_n_steps, keep last K ----------------------------------------------------------
 
 
@@ -163,6 +180,9 @@ def test_step_checkpoints_are_kept_for_the_last_k_steps(straight):
     ]  # keep_last_k=2, no temp files left
     assert load(ckpts / "step-00000050.ckpt")["global_step"] == 50
     assert load(ckpts / "best.ckpt")["global_step"] == 50  # judged at the validation of step 50
+    # at step 50 the state was written once: best.ckpt, with last.ckpt (then) and its step link as hard links to it
+    assert (ckpts / "best.ckpt").stat().st_ino == (ckpts / "step-00000050.ckpt").stat().st_ino
+    assert (ckpts / "last.ckpt").stat().st_ino != (ckpts / "best.ckpt").stat().st_ino  # step 60: a write of its own
     hparams = load(ckpts / "last.ckpt")["hyper_parameters"]
     assert not any(k.startswith("_") for k in hparams), hparams  # no import paths such as _instantiator
     assert "_instantiator" not in (straight / "hparams.yaml").read_text()
