@@ -137,7 +137,7 @@ def test_compiled_model_never_recompiles_after_the_first_validation(tmp_path, sh
     assert len(graphs.after_validation) == 3
     # training, evaluation, and evaluation of the smaller last batch; nothing for the samples
     assert graphs.after_validation == [3, 3, 3]
-    samples = [e for e in EventAccumulator(str(tmp_path), size_guidance={"tensors": 0}).Reload().Tensors("val/sample")]
+    samples = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0}).Reload().Tensors("val/sample")
     assert len(samples) == 3 and all(len(e.tensor_proto.string_val[0]) > 24 for e in samples)
     torch._dynamo.reset()
 
