@@ -3,10 +3,12 @@
     python benchmarks/timed_run.py --config configs/shakespeare_char.yaml --target-loss 1.47      # a full run
     python benchmarks/timed_run.py --config configs/shakespeare_char.yaml --steps 6 --val-every 3  # a short probe
 
-A validation pause is the validation loop plus the checkpoint saves after it. The share of wall time spent in
-them is measured on the run itself, and also projected onto the config's own schedule (its max_steps and
-val_check_interval) from the measured step time and pause: a short probe on a slow machine still tells what
-share validation takes in the full run. Any other argument (--model.*, --data.*, --trainer.*) goes to the
+A validation pause is the validation loop plus what a run does after it: the monitor's text sample and the
+checkpoint saves. The share of wall time spent in them is measured on the run itself, and also projected onto the
+config's own schedule (its max_steps and val_check_interval) from the measured step time and pause: a short probe
+on a slow machine still tells what share validation takes in the full run. Each pause is also split: the time in
+the text sample (`sample_s`) and in the checkpoint callback (`checkpoint_s`) are timed per validation, and the
+`val_loop_share_*` figures leave both out. Any other argument (--model.*, --data.*, --trainer.*) goes to the
 training config. Prints one JSON line.
 """
 
@@ -18,14 +20,42 @@ import logging
 import statistics
 import sys
 import tempfile
+import time
 import warnings
-from typing import Optional
+from typing import Any, Optional
 
+import lightning as L
 import torch
 
+from nanogpt.callbacks import RunCheckpoint
 from nanogpt.cli import GPTLightningCLI
 from nanogpt.errors import NanoGPTError
-from timing import RunTimer
+from nanogpt.monitor import TrainingMonitor
+from timing import RunTimer, sync_device
+
+
+def clock_calls(obj: Any, name: str, times: list[float], trainer: L.Trainer) -> None:
+    """Wraps the method `name` of this one object so that the wall time of each call outside the sanity check,
+    the device's queued work included, is appended to times."""
+    method = getattr(obj, name)
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        if trainer.sanity_checking:
+            return method(*args, **kwargs)
+        sync_device(trainer.lightning_module)
+        start = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            sync_device(trainer.lightning_module)
+            times.append(time.perf_counter() - start)
+
+    setattr(obj, name, timed)
+
+
+def without(pauses: list[float], *parts: list[float]) -> list[float]:
+    """Each pause less its parts; a part timed at other than every validation (a sample turned off) is left in."""
+    return [p - sum(part[i] for part in parts if len(part) == len(pauses)) for i, p in enumerate(pauses)]
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -56,6 +86,13 @@ def main(argv: Optional[list[str]] = None) -> None:
             cli = GPTLightningCLI(base + overrides)
             timer = RunTimer(warmup=args.warmup, target_loss=args.target_loss, stop_at_target=args.stop_at_target)
             cli.trainer.callbacks.append(timer)
+            sample_s: list[float] = []
+            checkpoint_s: list[float] = []
+            for callback in cli.trainer.callbacks:
+                if isinstance(callback, TrainingMonitor):
+                    clock_calls(callback, "generate_sample", sample_s, cli.trainer)
+                elif isinstance(callback, RunCheckpoint):
+                    clock_calls(callback, "on_validation_end", checkpoint_s, cli.trainer)
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     except NanoGPTError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -65,6 +102,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     pauses = timer.val_pauses
     # the first pause also pays one-off costs (compiling the eval graph); later ones are the steady state
     pause_s = statistics.median(pauses[1:] if len(pauses) > 1 else pauses) if pauses else 0.0
+    loops = without(pauses, sample_s, checkpoint_s)
+    loop_s = statistics.median(loops[1:] if len(loops) > 1 else loops) if loops else 0.0
     n_val = full_steps // full_every
     result = {
         "config": args.config,
@@ -78,6 +117,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         # the config's schedule: max_steps steps with a validation every val_check_interval steps
         "val_share_at_config_schedule": round(n_val * pause_s / (full_steps * step_s + n_val * pause_s), 4),
         "config_schedule": {"max_steps": full_steps, "val_check_interval": full_every},
+        # the same for the validation loop alone: the text sample and the checkpoint saves left out
+        "sample_s": [round(x, 4) for x in sample_s],
+        "checkpoint_s": [round(x, 4) for x in checkpoint_s],
+        "val_loop_share_measured": round(sum(loops) / timer.total_seconds, 4),
+        "val_loop_share_at_config_schedule": round(n_val * loop_s / (full_steps * step_s + n_val * loop_s), 4),
         "target_loss": args.target_loss,
         "reached_target": timer.reached,
         "final_val_loss": float(cli.trainer.callback_metrics["val/loss"]) if "val/loss" in cli.trainer.callback_metrics else None,

@@ -112,9 +112,23 @@ def test_timed_run_reports_validation_share_and_time_to_target(benchmarks, capsy
     # projected onto tiny.yaml's own schedule: 3 validations in 300 steps
     assert last["config_schedule"] == {"max_steps": 300, "val_check_interval": 100}
     assert 0 < last["val_share_at_config_schedule"] < last["val_share_measured"]
+    # each pause split: one text sample and one checkpoint callback call per validation (none for the sanity check)
+    assert len(last["sample_s"]) == len(last["checkpoint_s"]) == 2
+    assert all(x > 0 for x in last["sample_s"] + last["checkpoint_s"])
+    parts = sum(last["sample_s"]) + sum(last["checkpoint_s"])
+    assert last["val_loop_share_measured"] == pytest.approx(last["val_share_measured"] - parts / last["wall_s"], abs=2e-4)
+    assert 0 < last["val_loop_share_at_config_schedule"] < last["val_share_at_config_schedule"]
     assert last["reached_target"]["step"] == 3  # any loss is below 10: reached at the first validation
     assert 0 < last["reached_target"]["train_s"] <= last["reached_target"]["wall_s"]
     assert not list(benchmarks.iterdir())
+
+
+def test_a_pause_less_its_parts_leaves_a_part_missing_at_some_validations_in(benchmarks):
+    from timed_run import without
+
+    assert without([5.0, 7.0], [1.0, 2.0], [0.5, 0.5]) == [3.5, 4.5]
+    assert without([5.0, 7.0], [], [0.5, 0.5]) == [4.5, 6.5]  # no samples: nothing to take out for them
+    assert without([], [], []) == []
 
 
 def test_gpu_suite_runs_every_benchmark_and_collects_their_figures(benchmarks, capsys):
