@@ -139,7 +139,7 @@ def step_windows(step_ends: list[float], every: int) -> list[float]:
 
 
 def step_bench_parser(doc: str, steps: int, steps_help: str) -> argparse.ArgumentParser:
-    """The options step_budget.py and step_phases.py share: --config, --steps, --warmup, --device."""
+    """The options step_budget.py, step_phases.py and lightning_floor.py share: --config, --steps, --warmup, --device."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--config", required=True)
     p.add_argument("--steps", type=int, default=steps, help=steps_help)
