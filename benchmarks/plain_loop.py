@@ -66,7 +66,8 @@ def optimizer_and_schedule(
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(groups, lr=s.learning_rate, betas=(s.beta1, s.beta2), fused=device.type in ("cuda", "cpu"))
+    fused = device.type in ("cuda", "cpu")
+    optimizer = torch.optim.AdamW(groups, lr=s.learning_rate, betas=(s.beta1, s.beta2), fused=fused)
     schedule = partial(
         warmup_cosine, warmup_steps=s.warmup_steps, decay_steps=s.decay_steps, min_ratio=s.min_lr / s.learning_rate
     )
