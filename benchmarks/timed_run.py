@@ -100,11 +100,16 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     step_s = timer.train_seconds / max(1, timer.timed_steps)
     pauses = timer.val_pauses
-    # the first pause also pays one-off costs (compiling the eval graph); later ones are the steady state
-    pause_s = statistics.median(pauses[1:] if len(pauses) > 1 else pauses) if pauses else 0.0
     loops = without(pauses, sample_s, checkpoint_s)
-    loop_s = statistics.median(loops[1:] if len(loops) > 1 else loops) if loops else 0.0
     n_val = full_steps // full_every
+
+    def share_at_config_schedule(times: list[float]) -> float:
+        """The share of wall time pauses like these take over the config's schedule: max_steps steps with a
+        validation every val_check_interval steps. The first pause also pays one-off costs (compiling the eval
+        graph), so the steady state is the median of the later ones."""
+        pause = statistics.median(times[1:] if len(times) > 1 else times) if times else 0.0
+        return round(n_val * pause / (full_steps * step_s + n_val * pause), 4)
+
     result = {
         "config": args.config,
         "config_args": config_args,
@@ -114,14 +119,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         "val_pauses_s": [round(x, 4) for x in pauses],
         "wall_s": round(timer.total_seconds, 3),
         "val_share_measured": round(sum(pauses) / timer.total_seconds, 4),
-        # the config's schedule: max_steps steps with a validation every val_check_interval steps
-        "val_share_at_config_schedule": round(n_val * pause_s / (full_steps * step_s + n_val * pause_s), 4),
+        "val_share_at_config_schedule": share_at_config_schedule(pauses),
         "config_schedule": {"max_steps": full_steps, "val_check_interval": full_every},
         # the same for the validation loop alone: the text sample and the checkpoint saves left out
         "sample_s": [round(x, 4) for x in sample_s],
         "checkpoint_s": [round(x, 4) for x in checkpoint_s],
         "val_loop_share_measured": round(sum(loops) / timer.total_seconds, 4),
-        "val_loop_share_at_config_schedule": round(n_val * loop_s / (full_steps * step_s + n_val * loop_s), 4),
+        "val_loop_share_at_config_schedule": share_at_config_schedule(loops),
         "target_loss": args.target_loss,
         "reached_target": timer.reached,
         "final_val_loss": float(cli.trainer.callback_metrics["val/loss"]) if "val/loss" in cli.trainer.callback_metrics else None,
