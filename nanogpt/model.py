@@ -16,6 +16,11 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 ACTIVATIONS = ("gelu", "relu")
+# subword vocabularies are padded to a multiple of this for faster matmuls (nanoGPT: GPT-2's 50257 -> 50304)
+VOCAB_MULTIPLE = 64
+# up to this size (characters, bytes) the head is a negligible share of the work and stays unpadded, so a char
+# model's first loss is still ln(vocab_size), as the lecture checks
+UNPADDED_VOCAB = 256
 
 
 @dataclass
@@ -53,6 +58,16 @@ class GPTConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and head: vocab_size, rounded up to VOCAB_MULTIPLE above UNPADDED_VOCAB.
+
+        The extra ids never occur in the data and are never sampled; training pushes their logits down.
+        """
+        if self.vocab_size <= UNPADDED_VOCAB:
+            return self.vocab_size
+        return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
 class KVCache(nn.Module):
@@ -154,14 +169,14 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),  # token embeddings
                 wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
             )
         )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         # weight tying: the input embedding and the output projection share one matrix
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
@@ -188,11 +203,11 @@ class GPT(nn.Module):
     def forward(
         self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, input_pos: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """idx, targets: (B, T) token ids. Returns logits (B, T, vocab) and the mean cross-entropy, or None.
+        """idx, targets: (B, T) token ids. Returns logits (B, T, padded_vocab) and the mean cross-entropy, or None.
 
         Decoding with a KV cache (see setup_cache) passes input_pos (T,), the window positions of idx's tokens:
         their keys and values are stored, attention covers everything cached before them, and only the
-        last position's logits (B, 1, vocab) are computed, since only they predict the next token.
+        last position's logits (B, 1, padded_vocab) are computed, since only they predict the next token.
         """
         B, T = idx.shape
         if T > self.config.block_size:
@@ -209,7 +224,7 @@ class GPT(nn.Module):
         if input_pos is not None:
             x = x[:, -1:, :]  # (B, 1, C)
         x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, vocab)
+        logits = self.lm_head(x)  # (B, T, padded_vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
@@ -273,7 +288,9 @@ class GPT(nn.Module):
                     cached = length - start
                 else:
                     logits, _ = self(idx[:, start:])
-                idx_next = sample_logits(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+                # the padding ids are never sampled: only the real vocabulary's logits (B, vocab) compete
+                last = logits[:, -1, : self.config.vocab_size]
+                idx_next = sample_logits(last, temperature, top_k, top_p, generator)  # (B, 1)
                 idx = torch.cat((idx, idx_next), dim=1)
                 yield idx_next
         finally:
