@@ -206,6 +206,13 @@ class SubwordTokenizer:
         return out
 
 
+def load_pretrained(spec: str) -> SubwordTokenizer:
+    """The tokenizer named by spec: "hf:NAME" from the Hugging Face cache, else a tokenizer.json or a folder."""
+    if spec.startswith("hf:"):
+        return SubwordTokenizer.from_hub(spec[3:])
+    return SubwordTokenizer.from_path(spec)
+
+
 class StreamDecoder:
     """Turns generated ids into text one token at a time, never yielding half a multi-byte character.
 

@@ -63,7 +63,8 @@ class GPTConfig:
     def padded_vocab_size(self) -> int:
         """Rows of the embedding and head: vocab_size, rounded up to VOCAB_MULTIPLE above UNPADDED_VOCAB.
 
-        The extra ids never occur in the data and are never sampled; training pushes their logits down.
+        The extra ids never occur in the data; the forward pass drops their logits, so they are never sampled
+        and never count in the loss (a pretrained GPT-2's zero padding rows would otherwise dominate it).
         """
         if self.vocab_size <= UNPADDED_VOCAB:
             return self.vocab_size
@@ -203,11 +204,11 @@ class GPT(nn.Module):
     def forward(
         self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, input_pos: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """idx, targets: (B, T) token ids. Returns logits (B, T, padded_vocab) and the mean cross-entropy, or None.
+        """idx, targets: (B, T) token ids. Returns logits (B, T, vocab) and the mean cross-entropy, or None.
 
         Decoding with a KV cache (see setup_cache) passes input_pos (T,), the window positions of idx's tokens:
         their keys and values are stored, attention covers everything cached before them, and only the
-        last position's logits (B, 1, padded_vocab) are computed, since only they predict the next token.
+        last position's logits (B, 1, vocab) are computed, since only they predict the next token.
         """
         B, T = idx.shape
         if T > self.config.block_size:
@@ -224,7 +225,9 @@ class GPT(nn.Module):
         if input_pos is not None:
             x = x[:, -1:, :]  # (B, 1, C)
         x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, padded_vocab)
+        logits = self.lm_head(x)  # (B, T, padded_vocab): the matmul runs on the padded, faster shape
+        if self.config.padded_vocab_size != self.config.vocab_size:
+            logits = logits[..., : self.config.vocab_size]  # (B, T, vocab), a view; the loss copies it once
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
@@ -288,9 +291,7 @@ class GPT(nn.Module):
                     cached = length - start
                 else:
                     logits, _ = self(idx[:, start:])
-                # the padding ids are never sampled: only the real vocabulary's logits (B, vocab) compete
-                last = logits[:, -1, : self.config.vocab_size]
-                idx_next = sample_logits(last, temperature, top_k, top_p, generator)  # (B, 1)
+                idx_next = sample_logits(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
                 idx = torch.cat((idx, idx_next), dim=1)
                 yield idx_next
         finally:
