@@ -17,7 +17,7 @@ from nanogpt.export import export
 from nanogpt.generate import load_checkpoint, sample, stream
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.tokenizer import CharTokenizer, byte_length, tokenizer_from_dict
-from tests.conftest import REPO
+from tests.conftest import REPO, run_main
 from tests.test_export import hf_logits, write_checkpoint
 
 # accents, CJK, emoji with zero-width-joiner sequences and flags: characters of 2, 3 and 4 UTF-8 bytes
@@ -263,6 +263,27 @@ def test_stop_string_spanning_tokens_is_found(bpe_checkpoint):
     pieces = [p[0] for p in stream(model, tok, "1: ", stop=stop, **kw)]
     assert "".join(pieces) == new[:start]
     assert sample(model, tok, "1: ", stop=stop, **kw) == ["1: " + new[:start]]
+
+
+def test_sample_cli_and_demo_with_a_subword_model(bpe_checkpoint, capsys):
+    from nanogpt.app import generate_text
+    from nanogpt.generate import main
+
+    model, tok = load_checkpoint(str(bpe_checkpoint))
+    common = ["--ckpt", bpe_checkpoint, "--prompt", "Family: ", "--max_new_tokens", "60", "--seed", "5"]
+    streamed = run_main(main, capsys, *common, "--stream")
+    plain = run_main(main, capsys, *common)
+    uncached = run_main(main, capsys, *common, "--no_cache")
+    assert streamed.returncode == plain.returncode == uncached.returncode == 0
+    (expected,) = sample(model, tok, "Family: ", max_new_tokens=60, seed=5)
+    assert streamed.stdout == plain.stdout == uncached.stdout == expected + "\n"
+    assert any(ord(c) > 0xFFFF for c in expected)  # the model wrote 4-byte characters
+    stop = expected[len("Family: ") + 3 : len("Family: ") + 6]
+    stopped = run_main(main, capsys, *common, "--stream", "--stop", stop)
+    assert stopped.stdout == expected[: expected.index(stop, len("Family: "))] + "\n"
+    texts = list(generate_text(model, tok, "Family: ", 60, 0.8, 200, 1.0, 5, max_length=1000))
+    assert texts[-1] == sample(model, tok, "Family: ", max_new_tokens=60, top_k=200, top_p=1.0, seed=5)[0]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
 
 
 # ----------------------------------------------------------------------------------------------------- export
