@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
-from nanogpt.checkpoint import atomic_write
+from nanogpt.checkpoint import atomic_write, resolve_checkpoint
 from nanogpt.errors import NanoGPTError
 from nanogpt.tokenizer import CharTokenizer, describe_chars
 
@@ -485,8 +485,6 @@ def load_vocab(path: str) -> CharTokenizer:
     if not p.exists():
         raise NanoGPTError(f"--data.vocab {path} does not exist; pass a checkpoint, a run dir or a vocabulary .json")
     import torch
-
-    from nanogpt.generate import resolve_checkpoint
 
     file = resolve_checkpoint(path)
     try:  # plain data only, and memory-mapped: the weights are never read
