@@ -45,6 +45,7 @@ def _sha256(data: bytes) -> str:
 
 
 def tinyshakespeare_path(cache_dir: Optional[str] = None) -> Path:
+    """Where the verified tiny-shakespeare download lives in the cache (put there by the first run that reads it)."""
     return cache_root(cache_dir) / "tinyshakespeare" / "input.txt"
 
 
