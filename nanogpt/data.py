@@ -243,6 +243,11 @@ class CharDataModule(L.LightningDataModule):
         return plan
 
     @property
+    def source(self) -> str:
+        """The training source (--data.source), as the run's hyperparameters name it."""
+        return self.corpus.source
+
+    @property
     def tokenizer(self) -> CharTokenizer:
         """The corpus's vocabulary; reads the data on first use (the CLI needs it to size the model)."""
         if self._tokenizer is None:
