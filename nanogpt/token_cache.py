@@ -293,9 +293,9 @@ def prepare_corpus(
     into a new cache entry, which becomes visible only once complete: an interrupted build leaves no entry and
     never touches the previous one.
     """
-    options = dict(glob=config.glob, text_column=config.text_column, hf_config=config.hf_config, cache_dir=cache_dir)
-    train_src = open_source(config.source, config.hf_split, **options)
-    val_src = open_source(config.val_source, config.hf_val_split, **options) if config.val_source else None
+    reading = dict(glob=config.glob, text_column=config.text_column, hf_config=config.hf_config, cache_dir=cache_dir)
+    train_src = open_source(config.source, config.hf_split, **reading)
+    val_src = open_source(config.val_source, config.hf_val_split, **reading) if config.val_source else None
     given = load_vocab(config.vocab) if config.vocab else None
     options = [config.separator, config.oov, config.oov_replacement]
     identity = _key(CACHE_FORMAT, train_src.identity, val_src and val_src.identity, config.vocab, options)
