@@ -141,3 +141,15 @@ def test_datamodule_does_no_work_in_init_and_setup_is_idempotent(tmp_path, shake
 def test_default_source_reads_the_seeded_cache(nanogpt_cache):
     dm = CharDataModule(block_size=8)  # source tinyshakespeare, cache $NANOGPT_CACHE: no download
     assert dm.tokenizer.decode(dm.train_tokens[:14]) == "First Citizen:" and dm.vocab_size == 65
+
+
+def test_the_data_and_checkpoint_layers_import_nothing_above_them():
+    import subprocess
+    import sys
+
+    code = ("import sys, nanogpt.data, nanogpt.sources, nanogpt.token_cache, nanogpt.vocab, nanogpt.checkpoint; "
+            "print(sorted(m for m in sys.modules if m.startswith('nanogpt.')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for above in ("nanogpt.cli", "nanogpt.generate", "nanogpt.app", "nanogpt.export", "nanogpt.module"):
+        assert f"'{above}'" not in loaded, loaded
+    assert "'nanogpt.token_cache'" in loaded
