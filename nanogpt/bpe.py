@@ -23,7 +23,8 @@ from nanogpt.errors import NanoGPTError
 # embedding is trained; at 4096 about 1,700 tokens occur fewer than 20 times and the text shrinks only 11% more
 DEFAULT_BPE_VOCAB_SIZE = 2048
 BYTE_ALPHABET = 256  # a byte-level BPE starts from one token per byte value
-ENCODE_PIECE_CHARS = 1 << 18  # text per encode_batch item: enough items per batch to keep every core busy
+ENCODE_PIECE_CHARS = 1 << 16  # text per encode_batch item: many items per batch keep every core busy
+TRAIN_PIECE_CHARS = 1 << 16  # text per sequence handed to the BPE trainer
 
 
 def _tokenizers() -> Any:
@@ -71,7 +72,8 @@ class SubwordTokenizer:
             initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen in the corpus or not
             show_progress=False,
         )
-        tok.train_from_iterator((c.decode("utf-8") if isinstance(c, bytes) else c for c in chunks), trainer)
+        # small pieces: the trainer splits each sequence into words at once, about 100 bytes per word in flight
+        tok.train_from_iterator(encoding_pieces(chunks, TRAIN_PIECE_CHARS), trainer)
         got = tok.get_vocab_size(with_added_tokens=True)
         if got < vocab_size:
             raise NanoGPTError(

@@ -130,7 +130,7 @@ def _chunks(source: Source, separator: str, advance: Advance, chunk_chars: int) 
     return rechunk(join_documents(source.documents(advance, chunk_chars), separator), chunk_chars)
 
 
-def _subword_batches(chunks: Iterator[str | bytes], tokenizer: Tokenizer, dtype: Any) -> Iterator[np.ndarray]:
+def subword_batches(chunks: Iterator[str | bytes], tokenizer: Tokenizer, dtype: Any) -> Iterator[np.ndarray]:
     """The ids of a stream of text, ENCODE_BATCH_CHARS at a time: pieces cut where the ids stay those of the
     whole text (see encoding_pieces), each batch encoded in parallel by the Rust tokenizer."""
     batch: list[str] = []
@@ -157,7 +157,7 @@ def _encode_to_file(
     if tokenizer.kind == "char":
         encoded = (tokenizer.encode_known(chunk, dtype, replacement) for chunk in chunks)
     else:  # a subword tokenizer encodes any text (byte-level): nothing is unknown
-        encoded = ((ids, Counter()) for ids in _subword_batches(chunks, tokenizer, dtype))
+        encoded = ((ids, Counter()) for ids in subword_batches(chunks, tokenizer, dtype))
     with open(path, "wb") as f:
         for ids, bad in encoded:
             unknown.update(bad)
