@@ -266,6 +266,9 @@ def main(args: Optional[list[str]] = None) -> None:
     warnings.filterwarnings("ignore", message=r".*IterableDataset. has .__len__. defined.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     silence_lightning_tips()
+    if hasattr(signal, "SIGXFSZ"):
+        # a file size limit (ulimit -f) then fails the write with EFBIG, reported below, instead of killing the run
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     cli: Optional[GPTLightningCLI] = None
     try:
         # the run dir's lock is released as this block ends, however it ends (a return, an error, a signal)
