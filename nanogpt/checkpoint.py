@@ -310,14 +310,14 @@ def storage_error(error: OSError, target: Union[str, Path, None], ckpt_dir: Unio
     if size:
         what += f" (it needs about {size / 1e6:.1f} MB)"
     what += f": {error.strerror or error}"
-    safe = ""
+    safe, then = "", "rerun with --ckpt_path last"
     if ckpt_dir is not None:
         try:
             newest = pick_resume_checkpoint(ckpt_dir, log=lambda message: None)
             safe = f"; {newest} (step {read_checkpoint(newest, mmap=True)['global_step']}) is intact"
         except NanoGPTError:
-            safe = f"; no complete checkpoint is in {ckpt_dir}"
-    return StorageError(f"{what}{safe}. To continue, {STORAGE_FIXES[error.errno]}, then rerun with --ckpt_path last")
+            safe, then = f"; no complete checkpoint is in {ckpt_dir}", "start the run again"
+    return StorageError(f"{what}{safe}. To continue, {STORAGE_FIXES[error.errno]}, then {then}")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

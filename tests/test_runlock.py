@@ -309,22 +309,48 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_by_the_next_start(nanogpt_cac
     assert not (run / LOCK_NAME).exists()
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
 @pytest.mark.ddp
-def test_a_ddp_run_takes_one_lock_on_rank_zero(nanogpt_cache, tmp_path):
+@pytest.mark.parametrize("launcher", ["lightning", "torchrun", "two-nodes"])
+def test_a_ddp_run_takes_one_lock_on_rank_zero(nanogpt_cache, tmp_path, launcher):
+    """2 CPU processes over gloo, started by Lightning's launcher, by torchrun, or as 2 nodes of one process each
+    (NODE_RANK 0 and 1 on this host, sharing the run dir as nodes share a network filesystem)."""
     run, out = tmp_path / "run", tmp_path / "probe"
     out.mkdir()
     probe = _callback_config(tmp_path, "tests.test_runlock.LockProbe", out=str(out))
-    result = run_script("train.py", *ARGS, "--trainer.max_steps", 6, "--trainer.default_root_dir", run,
-                        "--trainer.accelerator", "cpu", "--trainer.devices", 2, "--trainer.strategy", "ddp",
-                        "--config", probe, cwd=tmp_path, env=_env(nanogpt_cache), timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    args = [*ARGS, "--trainer.max_steps", "6", "--trainer.default_root_dir", str(run), "--trainer.accelerator", "cpu",
+            "--trainer.strategy", "ddp", "--config", str(probe)]
+    env = {**os.environ, **_env(nanogpt_cache)}
+    train_py = str(REPO / "train.py")
+    if launcher == "two-nodes":
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        logs = [open(tmp_path / f"node{n}.log", "w+") for n in (0, 1)]
+        procs = [subprocess.Popen([sys.executable, train_py, *args, "--trainer.num_nodes", "2", "--trainer.devices", "1"],
+                                  cwd=tmp_path, env={**env, "NODE_RANK": str(n)}, stdout=logs[n], stderr=logs[n])
+                 for n in (0, 1)]
+        codes = [p.wait(timeout=600) for p in procs]
+        stderr = "".join(log.seek(0) or log.read() for log in logs)
+        assert codes == [0, 0], stderr[-3000:]
+    else:
+        command = [train_py, *args, "--trainer.devices", "2"]
+        if launcher == "torchrun":
+            command = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *command]
+        result = subprocess.run([sys.executable, *command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        stderr = result.stderr
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["pid"] != ranks[1]["pid"]
     for record in ranks:  # both ranks saw one lock, rank 0's, held while they trained
         assert record["lock"]["pid"] == ranks[0]["pid"], ranks
     assert not (run / LOCK_NAME).exists()
-    assert "took over" not in result.stderr and "in use by" not in result.stderr
+    assert "took over" not in stderr and "in use by" not in stderr
 
 
 @pytest.mark.slow
