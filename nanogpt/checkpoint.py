@@ -306,7 +306,7 @@ def _tensor_bytes(obj: Any, seen: set[int]) -> int:
 def storage_error(error: OSError, target: Union[str, Path, None], ckpt_dir: Union[str, Path, None],
                   size: Optional[int] = None) -> StorageError:
     """The one-line error for a failed write: what failed, the newest intact checkpoint in ckpt_dir, what to do."""
-    what = f"could not write {target}" if target else "could not write to the run dir"
+    what = f"could not write {os.fsdecode(target)}" if target else "could not write to the run dir"
     if size:
         what += f" (it needs about {size / 1e6:.1f} MB)"
     what += f": {error.strerror or error}"

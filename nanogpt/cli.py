@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import threading
 import warnings
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -259,6 +260,23 @@ def _sigterm_exits() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def _storage_failures_reported_once() -> Iterator[None]:
+    """A write that fails for lack of space or access in a background thread (TensorBoard's event writer) is
+    raised again in the main thread at its next write, and reported there in one line: the thread stays quiet."""
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_value is None or storage_failure(args.exc_value) is None:
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+
+
 def main(args: Optional[list[str]] = None) -> None:
     """Entry point of train.py and nanogpt-train."""
     # Lightning warnings that do not apply: our IterableDatasets run in the main process (num_workers=0), so their
@@ -272,7 +290,7 @@ def main(args: Optional[list[str]] = None) -> None:
     cli: Optional[GPTLightningCLI] = None
     try:
         # the run dir's lock is released as this block ends, however it ends (a return, an error, a signal)
-        with ExitStack() as run_dir_lock, _sigterm_exits():
+        with ExitStack() as run_dir_lock, _sigterm_exits(), _storage_failures_reported_once():
             cli = GPTLightningCLI(args, run_dir_lock=run_dir_lock)
             cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path)
     except TrainingInterrupted as e:
