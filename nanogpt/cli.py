@@ -290,7 +290,7 @@ def main(args: Optional[list[str]] = None) -> None:
     cli: Optional[GPTLightningCLI] = None
     try:
         # the run dir's lock is released as this block ends, however it ends (a return, an error, a signal)
-        with ExitStack() as run_dir_lock, _sigterm_exits(), _storage_failures_reported_once():
+        with _sigterm_exits(), ExitStack() as run_dir_lock, _storage_failures_reported_once():
             cli = GPTLightningCLI(args, run_dir_lock=run_dir_lock)
             cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path)
     except TrainingInterrupted as e:
