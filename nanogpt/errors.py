@@ -16,3 +16,9 @@ class StorageError(NanoGPTError):
     safe and what to do, in one line. Exit code 3, so job scripts can tell it from a mistake in the command."""
 
     exit_code = 3
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (or its type's name): libraries' messages can span many lines."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
