@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import Callback
 from nanogpt.checkpoint import AtomicCheckpointIO, check_resumable, storage_error, storage_failure
 from nanogpt.errors import StorageError
 from tests.conftest import TINY_CONFIG, assert_user_error, run_script
+from tests.test_runlock import callback_config
 
 OFFLINE_URL = "http://127.0.0.1:9/input.txt"
 MAX_STEPS = 20
@@ -92,14 +93,7 @@ def _train(run: Path, cache: Path, *extra, resume: bool = False):
 
 
 def _fault_config(tmp_path: Path, how: str, step: int = 7) -> Path:
-    path = tmp_path / f"{how}.yaml"
-    path.write_text(textwrap.dedent(f"""\
-        trainer:
-          callbacks:
-            - class_path: tests.test_disk_full.StorageFault
-              init_args: {{step: {step}, how: {how}}}
-        """), encoding="utf-8")
-    return path
+    return callback_config(tmp_path, "tests.test_disk_full.StorageFault", step=step, how=how)
 
 
 def _names_a_checkpoint_and_its_size(stderr: str, ckpts: Path) -> bool:

@@ -227,7 +227,8 @@ def _wait_for_checkpoint(run: Path, proc: subprocess.Popen) -> None:
     _wait(saved, "the first checkpoint")
 
 
-def _callback_config(tmp_path: Path, class_path: str, **init_args) -> Path:
+def callback_config(tmp_path: Path, class_path: str, **init_args) -> Path:
+    """A config file that adds one callback (class_path, init_args) to a train.py run: pass it as a second --config."""
     path = tmp_path / "callback.yaml"
     path.write_text(f"trainer:\n  callbacks:\n    - class_path: {class_path}\n      init_args: {json.dumps(init_args)}\n")
     return path
@@ -282,11 +283,11 @@ def test_the_lock_is_released_however_the_run_stops(nanogpt_cache, tmp_path, how
         _, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 130, stderr[-3000:]
     elif how == "nan":
-        poison = _callback_config(tmp_path, "tests.test_resume.PoisonWeights", step=7, when="start")
+        poison = callback_config(tmp_path, "tests.test_resume.PoisonWeights", step=7, when="start")
         result = _train(run, nanogpt_cache, "--config", poison)
         assert_user_error(result, "became NaN or inf at step 7")
     else:
-        result = _train(run, nanogpt_cache, "--config", _callback_config(tmp_path, "tests.test_runlock.Boom", step=7))
+        result = _train(run, nanogpt_cache, "--config", callback_config(tmp_path, "tests.test_runlock.Boom", step=7))
         assert result.returncode == 1 and "RuntimeError: boom" in result.stderr, result.stderr[-3000:]
     assert (run / "checkpoints" / "step-00000005.ckpt").exists()  # it did run
     assert not (run / LOCK_NAME).exists()
@@ -323,7 +324,7 @@ def test_a_ddp_run_takes_one_lock_on_rank_zero(nanogpt_cache, tmp_path, launcher
     (NODE_RANK 0 and 1 on this host, sharing the run dir as nodes share a network filesystem)."""
     run, out = tmp_path / "run", tmp_path / "probe"
     out.mkdir()
-    probe = _callback_config(tmp_path, "tests.test_runlock.LockProbe", out=str(out))
+    probe = callback_config(tmp_path, "tests.test_runlock.LockProbe", out=str(out))
     args = [*ARGS, "--trainer.max_steps", "6", "--trainer.default_root_dir", str(run), "--trainer.accelerator", "cpu",
             "--trainer.strategy", "ddp", "--config", str(probe)]
     env = {**os.environ, **_env(nanogpt_cache)}
