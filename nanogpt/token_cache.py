@@ -26,8 +26,8 @@ from typing import Any, Iterator, Literal, Optional
 
 import numpy as np
 
-from nanogpt.errors import NanoGPTError
 from nanogpt.bpe import DEFAULT_BPE_VOCAB_SIZE, SubwordTokenizer, encoding_pieces, load_pretrained
+from nanogpt.errors import NanoGPTError
 from nanogpt.sources import CHUNK_CHARS, Advance, Source, cache_root, join_documents, open_source, rechunk
 from nanogpt.tokenizer import CharTokenizer, Tokenizer, describe_chars, tokenizer_from_dict
 from nanogpt.vocab import load_vocab
