@@ -141,8 +141,8 @@ def main() -> None:
         finally:
             shutil.rmtree(work, ignore_errors=True)
         sizes[mb] = {
-            "encode_mb_per_s": round(mb / encode["seconds"], 1),
-            "encode_mb_per_cpu_s": round(mb / encode["cpu_seconds"], 1),  # per core, whatever else runs
+            "encode_mb_per_s": round(mb / encode["seconds"], 2),
+            "encode_mb_per_cpu_s": round(mb / encode["cpu_seconds"], 2),  # per core, whatever else runs
             "encode_s": round(encode["seconds"], 2),
             "cache_hit_s": round(hit["seconds"], 4),
             "peak_rss_mb_encode": round(encode["peak_rss_mb"], 1),
