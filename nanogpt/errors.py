@@ -1,4 +1,9 @@
-"""The one exception type for mistakes a user can make: bad input, config, data or checkpoint."""
+"""The one exception type for mistakes a user can make: bad input, config, data or checkpoint; and the argument
+parser of the entry points that report a bad flag the same way."""
+
+import argparse
+import sys
+from typing import NoReturn
 
 
 class NanoGPTError(Exception):
@@ -6,3 +11,11 @@ class NanoGPTError(Exception):
 
     Entry points print it as ``error: <message>`` and exit non-zero, without a traceback.
     """
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage mistakes (an unknown flag, a bad choice) are one ``error: ...`` line, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
