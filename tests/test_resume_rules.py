@@ -12,36 +12,37 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import SHAKESPEARE, TINY_CONFIG, assert_user_error, read_scalars, run_train
+from tests.conftest import TINY_CONFIG, assert_user_error, read_scalars, run_train
 
 BASE_STEPS = 6
 
 
-def _args(run: Path, cache: Path, *extra) -> list:
-    # every step logged, dropout on, no validation in these few steps; a local corpus and cache, no download
+def _args(run: Path, data: tuple[Path, Path], *extra) -> list:
+    # every step logged, dropout on, no validation in these few steps; data = (corpus file, its cache), no download
     return ["--config", TINY_CONFIG, "--trainer.default_root_dir", run, "--trainer.log_every_n_steps", "1",
-            "--model.dropout", "0.1", "--data.source", SHAKESPEARE, "--data.cache_dir", cache, "--quiet", *extra]
+            "--model.dropout", "0.1", "--data.source", data[0], "--data.cache_dir", data[1], "--quiet", *extra]
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> tuple[Path, Path]:
-    """A 6-step run (run dir, data cache): the checkpoint every test here resumes from, each in a copy."""
+def base(tmp_path_factory, shakespeare_path) -> tuple[Path, tuple[Path, Path]]:
+    """A 6-step run: (run dir, (corpus, data cache)); the checkpoint every test here resumes from, each in a copy."""
     work = tmp_path_factory.mktemp("resume_rules")
-    result = run_train(None, *_args(work / "run", work / "cache", "--trainer.max_steps", BASE_STEPS))
+    data = (shakespeare_path, work / "cache")
+    result = run_train(None, *_args(work / "run", data, "--trainer.max_steps", BASE_STEPS))
     assert result.returncode == 0
-    return work / "run", work / "cache"
+    return work / "run", data
 
 
-def _copy(base: tuple[Path, Path], tmp_path: Path) -> Path:
+def _copy(base: tuple, tmp_path: Path) -> Path:
     run = tmp_path / "run"
     shutil.copytree(base[0], run)
     return run
 
 
 @pytest.fixture(scope="module")
-def other_vocabulary(tmp_path_factory) -> Path:
+def other_vocabulary(tmp_path_factory, shakespeare_text) -> Path:
     """Shakespeare with its one '$' written as '#': as many characters (65), but not the same ones."""
-    text = SHAKESPEARE.read_text(encoding="utf-8")
+    text = shakespeare_text
     assert text.count("$") == 1 and "#" not in text
     path = tmp_path_factory.mktemp("vocab") / "other.txt"
     path.write_text(text.replace("$", "#"), encoding="utf-8")
@@ -79,7 +80,7 @@ def _monitor_state(ckpt: dict) -> dict:
     return ckpt["callbacks"]["TrainingMonitor"]
 
 
-def _resume(base: tuple[Path, Path], tmp_path: Path, capsys, *extra) -> Path:
+def _resume(base: tuple, tmp_path: Path, capsys, *extra) -> Path:
     run = _copy(base, tmp_path)
     result = run_train(capsys, *_args(run, base[1], "--trainer.max_steps", BASE_STEPS + 3, "--ckpt_path", "last",
                                       *extra))
@@ -119,7 +120,8 @@ def test_validation_never_shifts_the_training_random_stream(base, tmp_path):
     runs = {}
     for every in (3, 1000):
         run = tmp_path / f"val{every}"
-        result = run_train(None, *_args(run, base[1], "--trainer.max_steps", 9, "--trainer.val_check_interval", every))
+        result = run_train(None, *_args(run, base[1], "--trainer.max_steps", 9, "--trainer.val_check_interval", every,
+                                        "--data.val_blocks", 16, "--monitor.sample_tokens", 20))
         assert result.returncode == 0
         runs[every] = run
     validated, plain = read_scalars(runs[3]), read_scalars(runs[1000])

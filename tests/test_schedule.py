@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SHAKESPEARE, TINY_CONFIG, read_scalars, run_train
+from tests.conftest import TINY_CONFIG, read_scalars, run_train
 
 LR, MIN_LR, WARMUP, STEPS = 3e-3, 3e-4, 5, 30
 
@@ -24,25 +24,26 @@ def expected_lr(step: int, decay_steps: int) -> float:
     return MIN_LR + 0.5 * (1 + math.cos(math.pi * progress)) * (LR - MIN_LR)
 
 
-def _train(run: Path, cache: Path, max_steps: int, *extra) -> list[tuple[int, float]]:
+def _train(run: Path, data: tuple[Path, Path], max_steps: int, *extra) -> list[tuple[int, float]]:
     result = run_train(
         None, "--config", TINY_CONFIG, "--trainer.default_root_dir", run, "--trainer.max_steps", max_steps,
         "--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "1000", "--model.warmup_steps", WARMUP,
-        "--data.source", SHAKESPEARE, "--data.cache_dir", cache, "--quiet", *extra,
+        "--data.source", data[0], "--data.cache_dir", data[1], "--quiet", *extra,
     )
     assert result.returncode == 0
     return read_scalars(run)["train/lr"]
 
 
 @pytest.fixture(scope="module")
-def first(tmp_path_factory) -> tuple[Path, Path]:
-    """A 30-step run with decay_steps unset (so the cosine ends at max_steps): (run dir, data cache)."""
+def first(tmp_path_factory, shakespeare_path) -> tuple[Path, tuple[Path, Path]]:
+    """A 30-step run with decay_steps unset (so the cosine ends at max_steps): (run dir, (corpus, data cache))."""
     work = tmp_path_factory.mktemp("schedule")
-    _train(work / "run", work / "cache", STEPS)
-    return work / "run", work / "cache"
+    data = (shakespeare_path, work / "cache")
+    _train(work / "run", data, STEPS)
+    return work / "run", data
 
 
-def _resumed(first: tuple[Path, Path], tmp_path: Path, max_steps: int, *extra) -> list[tuple[int, float]]:
+def _resumed(first: tuple, tmp_path: Path, max_steps: int, *extra) -> list[tuple[int, float]]:
     run = tmp_path / "run"
     shutil.copytree(first[0], run)
     return _train(run, first[1], max_steps, "--ckpt_path", "last", *extra)
