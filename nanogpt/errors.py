@@ -13,6 +13,12 @@ class NanoGPTError(Exception):
     """
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (or its type's name): libraries' messages can span many lines."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose usage mistakes (an unknown flag, a bad choice) are one ``error: ...`` line, exit 2."""
 
