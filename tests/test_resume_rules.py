@@ -1,7 +1,8 @@
 """What may and may not change on resume (README "Resume"), on real LightningCLI runs of the tiny config.
 
 The runs are train.py's main() in this process (tests/conftest.py run_train): a few steps each, no interpreter
-start-up, so the refusals also count as train.py's one-line errors in `pytest -m "not slow"`.
+start-up, so the refusals (which train nothing past one 6-step base run) are train.py's one-line errors in
+`pytest -m "not slow"`.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def unchanged(base, tmp_path_factory) -> Path:
     return _resume(base, tmp_path_factory.mktemp("unchanged"), None)
 
 
+@pytest.mark.slow  # trains (in this process) a few steps more
 @pytest.mark.parametrize(
     "flag, value", [("--data.batch_size", "8"), ("--data.seed", "7"), ("--model.dropout", "0.2")],
     ids=["batch_size", "data.seed", "dropout"],
@@ -115,6 +117,7 @@ def test_resume_accepts_a_changed_batch_size_seed_or_dropout(base, unchanged, tm
     assert f"{flag.split('.')[-1]}: {value}" in (run / "config.yaml").read_text(encoding="utf-8")
 
 
+@pytest.mark.slow  # two training runs (in this process)
 def test_validation_never_shifts_the_training_random_stream(base, tmp_path):
     """Dropout on: a run validated every 3 steps and one never validated draw the same masks, so they train alike."""
     runs = {}

@@ -11,6 +11,8 @@ import pytest
 
 from tests.conftest import TINY_CONFIG, read_scalars, run_train
 
+pytestmark = pytest.mark.slow  # three training runs (in this process) of 30 to 60 steps
+
 LR, MIN_LR, WARMUP, STEPS = 3e-3, 3e-4, 5, 30
 
 
