@@ -395,7 +395,7 @@ def test_kill_9_at_random_moments_never_loses_the_run(nanogpt_cache, tmp_path):
     machine sees the same kills); every time a good checkpoint remains, and the run then finishes as if whole."""
     seed = int(os.environ.get("NANOGPT_KILL_SEED", time.time_ns() % 10_000))  # printed on failure to replay it
     rng = random.Random(seed)
-    run, steps = tmp_path / "run", 150
+    run, steps = tmp_path / "run", 80
     ckpts = run / "checkpoints"
     extra = ["--checkpoint.every_n_steps", "5"]  # frequent saves, so kills land in saves as well as in steps
     kills: list[tuple[str, int]] = []
@@ -404,7 +404,7 @@ def test_kill_9_at_random_moments_never_loses_the_run(nanogpt_cache, tmp_path):
         start = _step_or(ckpts / "last.ckpt", 0)
         # start-up: the first printed step at the latest (anywhere in imports, data loading, restoring); else
         # after 1 to 12 steps: with saves every 5, as often inside a save as between them. At most 12 steps
-        # a start, so five starts never reach the end of the 150
+        # a start, so five starts never reach the end of the 80
         moment = rng.choice(["startup", "training"])
         target = start + (1 if moment == "startup" else rng.randint(1, 12))
         with open(tmp_path / f"stderr{attempt}.txt", "w") as err:
