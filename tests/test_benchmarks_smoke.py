@@ -61,6 +61,7 @@ def test_data_encodes_reloads_and_trains_on_a_generated_corpus(benchmarks, capsy
     assert not list(work.iterdir())  # corpus and cache deleted
 
 
+@pytest.mark.timeout(1800)  # three train.py processes, slow to start on a loaded machine
 def test_checkpoint_times_save_load_and_an_interrupted_run(benchmarks, capsys):
     import checkpoint
 
