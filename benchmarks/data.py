@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -27,9 +28,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parents[1]
 # about the characters of English prose, newlines included
 ALPHABET = np.frombuffer(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?'-\n", dtype=np.uint8)
 
@@ -96,13 +99,15 @@ def child(task: str, source: str, cache: str, steps: int, tokenizer: dict) -> di
 def run_child(task: str, source: Path, cache: Path, steps: int, tokenizer: dict) -> dict:
     cmd = [sys.executable, __file__, "--child", task, "--source", str(source), "--cache", str(cache),
            "--steps", str(steps), *[arg for k, v in tokenizer.items() for arg in (f"--{k}", str(v))]]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    # the child imports nanogpt from this checkout, installed or not
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if result.returncode != 0:
         raise SystemExit(f"{task} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes_mb", type=int, nargs="+", default=[100, 2048])
     p.add_argument("--steps", type=int, default=5)
@@ -113,7 +118,7 @@ def main() -> None:
     p.add_argument("--child", choices=["encode", "hit", "train", "bpe_encode"], help=argparse.SUPPRESS)
     p.add_argument("--source", help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     tokenizer = {"tokenizer": args.tokenizer}
     if args.tokenizer == "bpe":
         tokenizer["bpe_vocab_size"] = args.bpe_vocab_size
