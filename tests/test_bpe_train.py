@@ -14,7 +14,7 @@ from nanogpt.bpe import SubwordTokenizer
 from nanogpt.errors import NanoGPTError
 from nanogpt.generate import load_checkpoint
 from nanogpt.token_cache import CorpusConfig, prepare_corpus
-from tests.conftest import assert_user_error, read_scalars
+from tests.conftest import REPO, assert_user_error, read_scalars
 from tests.test_bpe import hub_cache, world_text
 from tests.test_resume import assert_same_training, load, train
 
@@ -142,3 +142,17 @@ def test_train_with_an_hf_tokenizer_from_the_local_cache(nanogpt_cache, tmp_path
     assert json.loads(ckpt["tokenizer"]["json"])["added_tokens"][0]["content"] == "<|endoftext|>"
     assert torch.is_tensor(ckpt["state_dict"]["model.transformer.wte.weight"])
     assert ckpt["state_dict"]["model.transformer.wte.weight"].shape[0] == 448  # padded
+
+
+@pytest.mark.slow  # four child processes
+def test_the_data_benchmark_measures_bpe_encoding(monkeypatch, tmp_path, shakespeare_path, capsys):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import data
+
+    data.main(["--tokenizer", "bpe", "--text", str(shakespeare_path), "--sizes_mb", "2", "--steps", "2",
+               "--workdir", str(tmp_path)])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    size = last["sizes_mb"]["2"]
+    assert last["tokenizer"] == "bpe" and last["bpe_encode_mb_per_s"] == size["bpe_encode_mb_per_s"] > 0
+    assert 2.5 < size["bytes_per_token"] < 3.5 and size["train_steps"] == 2
+    assert not list(tmp_path.iterdir())  # corpus and cache deleted
