@@ -151,3 +151,4 @@ class GPTFSDPStrategy(FSDPStrategy):
             state_dict_type=state_dict_type,
             **kwargs,
         )
+        self.activation_checkpointing = activation_checkpointing

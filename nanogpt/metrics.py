@@ -223,10 +223,10 @@ class TrainingMonitor(Callback):
         pl_module.log("train/tokens_seen", float(self.tokens_seen))
         if elapsed > 0:
             self.last_tokens_per_sec = self._interval_tokens / elapsed
-            pl_module.log("train/tokens_per_sec", self.last_tokens_per_sec, prog_bar=True)
+            pl_module.log("train/tokens_per_sec", self.last_tokens_per_sec)
             if self._peak_flops:
                 mfu = self._flops_per_token * self.last_tokens_per_sec / self._peak_flops
-                pl_module.log("train/mfu", mfu, prog_bar=True)
+                pl_module.log("train/mfu", mfu)
         grad_norm = getattr(pl_module, "grad_norm", None)  # GPTModule keeps it from its clipping: no second pass
         if grad_norm is not None:
             pl_module.log("train/grad_norm", grad_norm)  # a device tensor: read with the step's other scalars

@@ -133,7 +133,9 @@ class GPTModule(L.LightningModule):
         mean = self._loss_sum / self.trainer.accumulate_grad_batches
         if self.trainer.world_size > 1:
             mean = all_reduce(mean, "mean", self.trainer.strategy)
-        self.log("train/loss", mean, prog_bar=True)
+        # not prog_bar=True: Lightning converts progress-bar values to floats after every batch, the cached ones of
+        # earlier steps too (a host-device sync per step on GPUs); StepProgressBar reads callback_metrics instead
+        self.log("train/loss", mean)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:

@@ -28,7 +28,9 @@ def format_duration(seconds: float) -> str:
 class StepProgressBar(TQDMProgressBar):
     """A tqdm bar over optimizer steps (of max_steps, so it shows the time left) with loss, val loss and tokens/s.
 
-    It redraws every refresh_rate optimizer steps (the CLI sets log_every_n_steps, when the loss changes).
+    It redraws every refresh_rate optimizer steps (the CLI sets log_every_n_steps, when the loss changes), with the
+    values in trainer.callback_metrics: training scalars are not logged with prog_bar=True, which would make
+    Lightning read them back from the device after every batch.
     """
 
     def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
@@ -53,7 +55,7 @@ class StepProgressBar(TQDMProgressBar):
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         shown = {"train/loss": "loss", "val/loss": "val_loss", "train/tokens_per_sec": "tok/s", "train/mfu": "mfu"}
-        metrics = trainer.progress_bar_metrics
+        metrics = trainer.callback_metrics
         out: dict[str, Any] = {}
         for tag, name in shown.items():
             if tag in metrics:
