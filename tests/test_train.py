@@ -74,23 +74,16 @@ def test_a_new_run_never_overwrites_a_run_dirs_checkpoints(trained_run, tmp_path
 @pytest.mark.parametrize(
     "make_args, fragments",
     [
-        (lambda p: ["--data.source", p / "missing.txt"], ["missing.txt", "does not exist"]),
-        (lambda p: ["--data.source", p / "empty.txt"], ["empty"]),
-        (lambda p: ["--data.source", p / "short.txt"], ["fewer than block_size+1"]),
-        (lambda p: ["--data.source", p / "small_val.txt"], ["validation split", "val_fraction"]),
         (lambda p: ["--ckpt_path", p / "nope.ckpt"], ["nope.ckpt", "does not exist"]),
         (lambda p: ["--ckpt_path", "last"], ["no", "last.ckpt"]),
         (lambda p: ["--model.n_embd", "63"], ["n_embd", "divisible", "n_head"]),
         (lambda p: ["--model.n_layers", "3"], ["n_layers"]),
         (lambda p: ["--config", p / "bad_key.yaml"], ["n_layers"]),
+        (lambda p: ["--trainer.max_steps", "-1"], ["--trainer.max_steps", "--model.decay_steps"]),
     ],
-    ids=["missing-file", "empty-file", "too-short", "val-too-small", "missing-ckpt", "no-last", "n_embd",
-         "unknown-flag", "unknown-config-key"],
+    ids=["missing-ckpt", "no-last", "n_embd", "unknown-flag", "unknown-config-key", "no-schedule-end"],
 )
 def test_bad_input_is_one_clear_line(tmp_path, make_args, fragments):
-    (tmp_path / "empty.txt").write_text("", encoding="utf-8")
-    (tmp_path / "short.txt").write_text("too short", encoding="utf-8")
-    (tmp_path / "small_val.txt").write_text("abcdefghij" * 30, encoding="utf-8")  # 300 chars: val 30 < 33
     (tmp_path / "bad_key.yaml").write_text("model:\n  n_layers: 3\n", encoding="utf-8")
     run = tmp_path / "run"
     result = run_script("train.py", "--config", TINY_CONFIG, "--trainer.default_root_dir", run,
