@@ -19,7 +19,7 @@ import torch
 
 from nanogpt.data import sample_rank_batch
 from nanogpt.model import GPT, GPTConfig
-from nanogpt.module import warmup_cosine
+from nanogpt.optim import warmup_cosine
 
 
 @dataclass

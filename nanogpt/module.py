@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import math
-from functools import partial
 from typing import Any, Literal, Optional
 
 import lightning as L
@@ -20,6 +19,14 @@ from nanogpt.errors import NanoGPTError
 from nanogpt.fault import NonFiniteGuard
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.monitor import write_step_scalars
+from nanogpt.optim import (
+    OptimizerName,
+    OptimizerSettings,
+    ScheduleName,
+    build_optimizer,
+    build_schedule,
+    parameter_roles,
+)
 from nanogpt.tokenizer import CharTokenizer
 
 
@@ -37,16 +44,6 @@ def _signature_computed_once(step: Any) -> Any:
     return step
 
 
-def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
-    """LR multiplier at an optimizer step: linear warmup, then cosine decay to min_ratio, then flat."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    if step >= decay_steps:
-        return min_ratio
-    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
-    return min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_ratio)
-
-
 class GPTModule(L.LightningModule):
     """Trains a character-level GPT.
 
@@ -54,11 +51,19 @@ class GPTModule(L.LightningModule):
         vocab_size: number of tokens; linked from the data by the CLI.
         block_size, n_layer, n_head, n_embd, dropout, bias, activation: the network's shape (see GPTConfig).
         learning_rate: peak AdamW learning rate, reached after warmup_steps.
-        min_lr: the learning rate at the end of the cosine decay.
+        min_lr: the AdamW learning rate at the end of the schedule (Muon's ends at the same fraction of muon_lr).
         warmup_steps: optimizer steps of linear warmup.
-        decay_steps: optimizer step where the cosine reaches min_lr (default: trainer.max_steps).
+        decay_steps: optimizer step where the schedule reaches min_lr (default: trainer.max_steps).
         weight_decay: AdamW weight decay, applied only to tensors of two or more dims (matmuls, embeddings).
         beta1, beta2: AdamW betas.
+        optimizer: "adamw" for every weight, or "muon": torch.optim.Muon for the transformer blocks' 2-D weight
+            matrices and AdamW for embeddings, biases and LayerNorm gains (not with FSDP; see nanogpt/optim.py).
+        muon_lr: peak Muon learning rate (with optimizer "muon").
+        muon_momentum: Muon's (Nesterov) momentum.
+        muon_weight_decay: Muon's decoupled weight decay on the block matrices.
+        schedule: "cosine" (warmup, then cosine down to min_lr) or "wsd" (warmup, constant, then a linear
+            cool-down to min_lr over the last cooldown_fraction of decay_steps).
+        cooldown_fraction: the share of decay_steps the "wsd" cool-down takes.
         compile: compile the inner model with torch.compile.
     """
 
@@ -80,6 +85,12 @@ class GPTModule(L.LightningModule):
         beta1: float = 0.9,
         beta2: float = 0.99,
         compile: bool = False,
+        optimizer: OptimizerName = "adamw",
+        muon_lr: float = 0.02,
+        muon_momentum: float = 0.95,
+        muon_weight_decay: float = 0.0,
+        schedule: ScheduleName = "cosine",
+        cooldown_fraction: float = 0.2,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -101,14 +112,25 @@ class GPTModule(L.LightningModule):
             )
         except ValueError as e:
             raise NanoGPTError(str(e)) from None
-        if learning_rate <= 0 or min_lr < 0 or min_lr > learning_rate:
-            raise NanoGPTError(
-                f"need 0 <= model.min_lr <= model.learning_rate and learning_rate > 0, got {min_lr} and {learning_rate}"
-            )
+        self.optim_settings = OptimizerSettings(
+            optimizer=optimizer,
+            learning_rate=learning_rate,
+            min_lr=min_lr,
+            weight_decay=weight_decay,
+            beta1=beta1,
+            beta2=beta2,
+            muon_lr=muon_lr,
+            muon_momentum=muon_momentum,
+            muon_weight_decay=muon_weight_decay,
+            schedule=schedule,
+            warmup_steps=warmup_steps,
+            decay_steps=decay_steps,
+            cooldown_fraction=cooldown_fraction,
+        )
         self.model = GPT(self.config)
-        # weight decay for matrices and embeddings, not biases and LayerNorm gains: decided on the true shapes now,
-        # by name, because under FSDP configure_optimizers sees parameters flattened into 1-D shards
-        self._decayed = {name for name, p in self.model.named_parameters() if p.dim() >= 2}
+        # which optimizer and weight decay each parameter gets: decided on the true shapes now, by name, because
+        # under FSDP configure_optimizers sees parameters flattened into 1-D shards
+        self._param_roles = parameter_roles(self.model, optimizer)
         self.val_loss = MeanMetric()
         self._loss_step, self._loss_count, self._loss_sum = -1, 0, torch.zeros(())  # see _global_batch_loss
         self.tokenizer: Optional[CharTokenizer] = None
@@ -186,25 +208,15 @@ class GPTModule(L.LightningModule):
         self.log("val/bpc", loss / math.log(2), sync_dist=True)  # nats per character -> bits per character
 
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
         named = [(_plain_name(name), p) for name, p in self.model.named_parameters() if p.requires_grad]
         self._trained_params = [p for _, p in named]  # for clipping every step (a module walk costs ~0.1 ms)
-        groups = [
-            {"params": [p for name, p in named if name in self._decayed], "weight_decay": hp.weight_decay},
-            {"params": [p for name, p in named if name not in self._decayed], "weight_decay": 0.0},
-        ]
-        # fused: one kernel for all tensors (3-5x faster than the per-tensor loop on a CPU too), and it can skip a
-        # step with non-finite gradients on the device (NonFiniteGuard) where others would need a host sync
-        fused = self.device.type in ("cuda", "cpu")
-        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(hp.beta1, hp.beta2), fused=fused)
-        decay_steps = hp.decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else 5000)
-        schedule = partial(
-            warmup_cosine,
-            warmup_steps=hp.warmup_steps,
-            decay_steps=decay_steps,
-            min_ratio=hp.min_lr / hp.learning_rate,
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        if self.optim_settings.optimizer == "muon" and isinstance(self.trainer.model, FullyShardedDataParallel):
+            raise NanoGPTError(
+                "--model.optimizer muon needs whole 2-D weight matrices, which FSDP shards: "
+                "use --model.optimizer adamw with FSDP"
+            )
+        optimizer = build_optimizer(named, self._param_roles, self.optim_settings, self.device)
+        scheduler = build_schedule(optimizer, self.optim_settings, self.trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(
