@@ -153,15 +153,16 @@ def build_optimizer(
     # fused: one kernel for all tensors (3-5x faster than the per-tensor loop on a CPU too), and it can skip a
     # step with non-finite gradients on the device (NonFiniteGuard) where others would need a host sync
     fused = device.type in ("cuda", "cpu")
+    # a name parameter_roles did not see (a FlatParameter of FSDP's) gets no weight decay, as before
     groups = [
-        {"params": [p for name, p in named if roles[name] == "decay"], "weight_decay": s.weight_decay},
-        {"params": [p for name, p in named if roles[name] == "no_decay"], "weight_decay": 0.0},
+        {"params": [p for name, p in named if roles.get(name) == "decay"], "weight_decay": s.weight_decay},
+        {"params": [p for name, p in named if roles.get(name) not in ("decay", "muon")], "weight_decay": 0.0},
     ]
     adamw = torch.optim.AdamW(groups, lr=s.learning_rate, betas=(s.beta1, s.beta2), fused=fused)
     if s.optimizer == "adamw":
         return adamw
-    matrices = [(name, p) for name, p in named if roles[name] == "muon"]
-    flat = [(name, tuple(p.shape)) for name, p in matrices if p.dim() != 2]
+    matrices = [(name, p) for name, p in named if roles.get(name) == "muon"]
+    flat = [(name, tuple(p.shape)) for name, p in named if roles.get(name, "muon") == "muon" and p.dim() != 2]
     if flat:
         raise NanoGPTError(
             f"--model.optimizer muon needs whole 2-D weight matrices, but {flat[0][0]} has shape {flat[0][1]} here "

@@ -147,6 +147,12 @@ def test_muon_refuses_flattened_matrices():
     with pytest.raises(NanoGPTError, match="muon needs whole 2-D weight matrices.*adamw with FSDP"):
         build_optimizer(flat, roles, OptimizerSettings(optimizer="muon"), torch.device("cpu"))
     build_optimizer(flat, parameter_roles(model, "adamw"), OptimizerSettings(), torch.device("cpu"))  # AdamW can
+    # FSDP's FlatParameter (use_orig_params=False): one 1-D tensor under a name of its own
+    one = [("_flat_param", torch.nn.Parameter(torch.cat([p.detach().flatten() for p in model.parameters()])))]
+    with pytest.raises(NanoGPTError, match="_flat_param has shape"):
+        build_optimizer(one, roles, OptimizerSettings(optimizer="muon"), torch.device("cpu"))
+    adamw = build_optimizer(one, parameter_roles(model, "adamw"), OptimizerSettings(), torch.device("cpu"))
+    assert [len(g["params"]) for g in adamw.param_groups] == [0, 1]  # no decay for it, as before
 
 
 @pytest.mark.parametrize("on_device", [True, None], ids=["device-way", "host-floats"])
