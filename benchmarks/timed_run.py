@@ -46,10 +46,10 @@ import lightning as L
 import torch
 
 from nanogpt.callbacks import RunCheckpoint
-from nanogpt.corpus import tinyshakespeare_path
 from nanogpt.cli import GPTLightningCLI
 from nanogpt.errors import NanoGPTError
 from nanogpt.monitor import TrainingMonitor
+from nanogpt.sources import tinyshakespeare_path
 
 
 def sync_device(module: L.LightningModule) -> None:

@@ -174,9 +174,23 @@ def build_optimizer(
     return MuonWithAdamW(adamw, muon)
 
 
+class ScheduleLR(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR whose schedule, not the checkpoint's optimizer state, sets the learning rate of the step a run resumes at.
+
+    The optimizer state restores the LR the checkpoint's schedule gave that step; a resumed run's schedule may differ
+    (decay_steps unset and a larger max_steps re-stretch the cosine; a new min_lr or warmup_steps), and without this
+    its first step would still train at the old value. With an unchanged schedule the value is the same.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        for group, base_lr, fn in zip(self.optimizer.param_groups, self.base_lrs, self.lr_lambdas):
+            group["lr"] = base_lr * fn(self.last_epoch)  # LambdaLR's own formula for the step at last_epoch
+
+
 def build_schedule(
     optimizer: torch.optim.Optimizer, s: OptimizerSettings, max_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
+) -> ScheduleLR:
     """The LR schedule, stepped once per optimizer step: each group's peak rate times the schedule's multiplier.
 
     The multiplier falls to min_lr / learning_rate at decay_steps (default: max_steps, or 5000 without it), in
@@ -188,4 +202,4 @@ def build_schedule(
         multiplier = partial(warmup_cosine, **common)
     else:
         multiplier = partial(warmup_stable_decay, **common, cooldown_fraction=s.cooldown_fraction)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+    return ScheduleLR(optimizer, multiplier)

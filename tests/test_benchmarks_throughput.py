@@ -124,13 +124,14 @@ def test_timed_run_reports_validation_share_and_time_to_target(benchmarks, capsy
     assert not list(benchmarks.iterdir())
 
 
-def test_time_to_loss_runs_train_py_and_nanogpts_recipe_as_processes(benchmarks, capsys, monkeypatch):
+def test_time_to_loss_runs_train_py_and_nanogpts_recipe_as_processes(benchmarks, capsys, monkeypatch,
+                                                                      shakespeare_path):
     import timed_run
 
     # any loss is below 10: train.py stops at its first validation (step 5); the recipe (cut to 3 steps) reached it
     # at its step-0 evaluation
     monkeypatch.setattr(timed_run, "PLAIN_ARGS", ["--max-iters", "3"])
-    timed_run.main(["--config", str(TINY_CONFIG), "--target-loss", "10", "--corpus", str(SHAKESPEARE),
+    timed_run.main(["--config", str(TINY_CONFIG), "--target-loss", "10", "--corpus", str(shakespeare_path),
                     "--trainer.val_check_interval", "5"])
     last, _ = _last_json_line(capsys)
     assert list(last)[:6] == ["target", "ours_s", "plain_s", "ratio", "ours_steps", "plain_steps"]
@@ -140,15 +141,15 @@ def test_time_to_loss_runs_train_py_and_nanogpts_recipe_as_processes(benchmarks,
     assert not list(benchmarks.iterdir())
 
 
-def test_nanogpts_recipe_trains_and_evaluates_like_its_train_py(benchmarks, capsys):
+def test_nanogpts_recipe_trains_and_evaluates_like_its_train_py(benchmarks, capsys, shakespeare_path):
     import plain_loop
 
-    plain_loop.main(["--corpus", str(SHAKESPEARE), "--max-iters", "4"])
+    plain_loop.main(["--corpus", str(shakespeare_path), "--max-iters", "4"])
     last, _ = _last_json_line(capsys)
     assert [e["step"] for e in last["evals"]] == [0, 4]  # every 250 steps from step 0, and at the end
     assert last["reached"] is None and last["steps"] == 4 and last["final_val"] == last["evals"][-1]["val"]
     assert last["evals"][-1]["val"] < last["evals"][0]["val"] < 4.3  # about ln(65) = 4.17 before training
-    plain_loop.main(["--corpus", str(SHAKESPEARE), "--max-iters", "4", "--target-loss", "10"])
+    plain_loop.main(["--corpus", str(shakespeare_path), "--max-iters", "4", "--target-loss", "10"])
     last, _ = _last_json_line(capsys)
     assert last["reached"]["step"] == 0 and len(last["evals"]) == 1  # stopped at the first evaluation
 
