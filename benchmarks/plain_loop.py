@@ -2,8 +2,8 @@
 and, run as a script, nanoGPT's own CPU recipe for tiny-shakespeare, timed to a target val/loss.
 
 PlainLoop: same network (nanogpt.model.GPT, same seed so the same initial weights), same batches
-(nanogpt.data.sample_rank_batch from the same token placement), same AdamW parameter groups, warmup + cosine schedule
-and gradient clipping as GPTModule, and on a GPU the same bf16 autocast, fused AdamW and torch.compile. Nothing
+(nanogpt.data.sample_rank_batch from the same token placement), the same optimizer and schedule (nanogpt.optim: AdamW
+or Muon beside it, cosine or warmup-stable-decay) and gradient clipping as GPTModule, and on a GPU the same bf16 autocast, fused AdamW and torch.compile. Nothing
 else: no logging, no checkpoints, no callbacks. throughput.py compares our Lightning path against it.
 
     python benchmarks/plain_loop.py --corpus input.txt [--target-loss 1.886]
@@ -25,7 +25,7 @@ import contextlib
 import json
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Optional, Union
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from nanogpt.model import GPT, GPTConfig
-from nanogpt.optim import warmup_cosine
+from nanogpt.optim import OptimizerSettings, ScheduleLR, build_optimizer, build_schedule, parameter_roles, warmup_cosine
 
 
 @dataclass
@@ -45,13 +45,8 @@ class PlainSettings:
     batch_size: int
     seed: int = 1337  # seeds the initial weights (seed_everything in train.py)
     data_seed: int = 1337  # seeds the batch sequence (data.seed)
-    learning_rate: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 100
-    decay_steps: int = 5000
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
+    optim: OptimizerSettings = field(default_factory=OptimizerSettings)  # GPTModule's optimizer and schedule
+    max_steps: int = 5000  # where the schedule ends unless optim.decay_steps says otherwise
     grad_clip: float = 1.0
     bf16: bool = False  # autocast to bfloat16 (Lightning's "bf16-mixed")
     compile: bool = False
@@ -73,20 +68,12 @@ def _sync(device: torch.device) -> None:
 
 
 def optimizer_and_schedule(
-    params: list[torch.nn.Parameter], s: PlainSettings, device: torch.device
-) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """GPTModule's AdamW (decay on matrices and embeddings only, fused wherever torch has the kernel: CPU and CUDA)
-    and its warmup + cosine schedule, stepped once per optimizer step."""
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    fused = device.type in ("cuda", "cpu")
-    optimizer = torch.optim.AdamW(groups, lr=s.learning_rate, betas=(s.beta1, s.beta2), fused=fused)
-    schedule = partial(
-        warmup_cosine, warmup_steps=s.warmup_steps, decay_steps=s.decay_steps, min_ratio=s.min_lr / s.learning_rate
-    )
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    model: GPT, s: PlainSettings, device: torch.device
+) -> tuple[torch.optim.Optimizer, ScheduleLR]:
+    """GPTModule's optimizer and schedule (nanogpt.optim), stepped once per optimizer step."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    optimizer = build_optimizer(named, parameter_roles(model, s.optim.optimizer), s.optim, device)
+    return optimizer, build_schedule(optimizer, s.optim, s.max_steps)
 
 
 class PlainLoop:
@@ -111,7 +98,7 @@ class PlainLoop:
         model = GPT(s.config).to(device)
         model.train()
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer, self.scheduler = optimizer_and_schedule(self.params, s, device)
+        self.optimizer, self.scheduler = optimizer_and_schedule(model, s, device)
         self.forward = torch.compile(model, dynamic=False) if s.compile else model
         # exactly Lightning's "bf16-mixed" context, weight-cast cache off included: under torch.compile the cache
         # setting is part of the graph's guards, so a different one would compile another graph than ours
@@ -212,9 +199,11 @@ def run_recipe(text: str, r: Recipe, target_loss: Optional[float], out_dir: Path
                        n_embd=r.n_embd, dropout=r.dropout, bias=r.bias)
     model = GPT(config)
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": r.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=r.learning_rate, betas=(r.beta1, r.beta2), fused=True)
+    # nanoGPT's configure_optimizers makes the same two AdamW groups: decay on tensors of two or more dims only
+    adamw = OptimizerSettings(learning_rate=r.learning_rate, min_lr=r.min_lr, weight_decay=r.weight_decay,
+                              beta1=r.beta1, beta2=r.beta2)
+    optimizer = build_optimizer(list(model.named_parameters()), parameter_roles(model, "adamw"), adamw,
+                                torch.device("cpu"))
 
     @torch.no_grad()
     def estimate_loss() -> dict[str, float]:
