@@ -1,9 +1,10 @@
-"""The benchmark scripts run for real (both sides of the harness) and report their figures (no timing asserted).
+"""throughput.py, plain_loop.py, timed_run.py and gpu_suite.py run for real and report their figures (no timing asserted).
 
 They run in this process (as `main(argv)`), which saves two interpreter and torch start-ups per test.
 """
 
 import json
+import math
 
 import pytest
 
@@ -28,25 +29,26 @@ def _last_json_line(capsys) -> tuple[dict, str]:
 def test_harness_prints_both_figures_as_its_last_line(benchmarks, capsys):
     import throughput
 
-    throughput.main(["--config", str(TINY_CONFIG), "--steps", "6", "--warmup", "2", "--repeats", "1",
+    throughput.main(["--config", str(TINY_CONFIG), "--steps", "6", "--warmup", "2", "--repeats", "2",
                      "--device", "cpu", "--trainer.log_every_n_steps", "2"])
     last, out = _last_json_line(capsys)
-    assert last["ours_tokens_per_s"] > 0 and last["plain_tokens_per_s"] > 0
-    assert last["ratio"] == pytest.approx(last["ours_tokens_per_s"] / last["plain_tokens_per_s"], rel=1e-3)
-    assert last["device"] == "cpu" and last["config"] == str(TINY_CONFIG)
-    assert len(last["ours_runs"]) == len(last["plain_runs"]) == 1
-    pair = last["ours_runs"][0] / last["plain_runs"][0]
-    assert last["paired_ratios"] == [pytest.approx(pair, rel=1e-3)] and last["paired_ratio_median"] == pytest.approx(pair, rel=1e-3)
+    assert (last["mode"], last["device"], last["config"]) == ("runs", "cpu", str(TINY_CONFIG))
+    assert (last["steps"], last["warmup"], last["repeats"]) == (6, 2, 2)
+    assert last["config_args"] == ["--trainer.log_every_n_steps", "2"]
+    # one figure per run of each side, every one a positive, finite rate (how large is this machine's business)
+    for key in ("ours_runs", "plain_runs", "ours_window_runs", "plain_window_runs", "paired_ratios"):
+        assert len(last[key]) == 2 and all(isinstance(x, float) and 0 < x < math.inf for x in last[key]), key
+    for key in ("ratio", "paired_ratio_median", "windowed_ratio", "cpu_time_ratio"):
+        assert isinstance(last[key], float) and 0 < last[key] < math.inf, key
     assert last["ours_cpu_ms_per_step"] > 0 and last["plain_cpu_ms_per_step"] > 0
-    # 6 timed steps in windows of log_every_n_steps (2): each run's median window gives a tokens/s of its own
-    (ours_w,), (plain_w,) = last["ours_window_runs"], last["plain_window_runs"]
-    assert ours_w > 0 and plain_w > 0
-    assert last["windowed_ratio"] == pytest.approx(ours_w / plain_w, rel=1e-3)
-    assert "windowed ratio" in out
+    assert isinstance(last["threads"], int) and last["threads"] >= 1
     # the same weights, batches and optimizer on both sides: the same loss after the same 8 steps
     assert last["ours_final_loss"] == pytest.approx(last["plain_final_loss"], rel=1e-5)
     assert 2.0 < last["plain_final_loss"] < 4.5
-    assert "ours/plain" in out  # the table
+    # the runs alternate, their order flipping each repeat: ours-plain, then plain-ours
+    sides = [line.split()[2].rstrip(":") for line in out.splitlines() if line.startswith("run ")]
+    assert sides == ["ours", "plain", "plain", "ours"]
+    assert "windowed ratio" in out and "ours/plain" in out  # the table
     assert not list(benchmarks.iterdir())  # run dirs were temporary
 
 
@@ -75,15 +77,36 @@ def test_both_sides_train_under_the_same_bf16_autocast(benchmarks, capsys, monke
     assert last["ours_final_loss"] == last["plain_final_loss"]  # bit for bit: the same casts in the same places
 
 
-def test_harness_can_interleave_the_two_sides_inside_one_run(benchmarks, capsys):
+def test_harness_can_interleave_the_two_sides_inside_one_run(benchmarks, capsys, monkeypatch):
     import throughput
+    import torch
 
+    from nanogpt.model import GPT
+
+    # which network each training forward pass ran: ours and the plain loop's are two GPT instances
+    trained: list[int] = []
+    forward = GPT.forward
+
+    def observed(self, *args, **kwargs):
+        if torch.is_grad_enabled():  # training, not validation or the sanity check
+            trained.append(id(self))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "forward", observed)
     throughput.main(["--config", str(TINY_CONFIG), "--steps", "6", "--warmup", "2", "--repeats", "1",
                      "--device", "cpu", "--interleave", "--trainer.log_every_n_steps", "2"])
     last, out = _last_json_line(capsys)
-    assert last["mode"] == "interleaved" and last["window_pairs"] == 3  # 6 timed steps in windows of 2
-    assert last["ours_tokens_per_s"] > 0 and last["plain_tokens_per_s"] > 0
-    assert last["ratio"] == pytest.approx(last["ours_tokens_per_s"] / last["plain_tokens_per_s"], rel=1e-3)
+    # the sides take turns every 2 steps: ours' 2 warm-up steps, the plain loop's, then 3 timed pairs of windows
+    turns: list[list] = []
+    for model in trained:
+        if turns and turns[-1][0] == model:
+            turns[-1][1] += 1
+        else:
+            turns.append([model, 1])
+    ours, plain = turns[0][0], turns[1][0]
+    assert ours != plain and turns == [[ours, 2], [plain, 2]] * 4
+    assert last["mode"] == "interleaved" and last["window_pairs"] == 3
+    assert last["ours_tokens_per_s"] > 0 and last["plain_tokens_per_s"] > 0 and 0 < last["ratio"] < math.inf
     assert last["ours_cpu_ms_per_window"] > 0 and last["plain_cpu_ms_per_window"] > 0
     # the plain loop took its 2 warm-up and 6 timed steps between ours: both end at the same loss
     assert last["ours_final_loss"] == pytest.approx(last["plain_final_loss"], rel=1e-5)
@@ -109,18 +132,17 @@ def test_timed_run_reports_validation_share_and_time_to_target(benchmarks, capsy
     last, _ = _last_json_line(capsys)
     assert last["steps"] == 6 and len(last["val_pauses_s"]) == 2  # validations after steps 3 and 6
     assert last["step_s"] > 0 and 0 < last["val_share_measured"] < 1
-    # projected onto tiny.yaml's own schedule: 3 validations in 300 steps
+    # projected onto tiny.yaml's own schedule: 3 validations in 300 steps, a smaller share than 2 in 6
     assert last["config_schedule"] == {"max_steps": 300, "val_check_interval": 100}
     assert 0 < last["val_share_at_config_schedule"] < last["val_share_measured"]
     # each pause split: one text sample and one checkpoint callback call per validation (none for the sanity check)
     assert len(last["sample_s"]) == len(last["checkpoint_s"]) == 2
-    assert all(x > 0 for x in last["sample_s"] + last["checkpoint_s"])
-    parts = sum(last["sample_s"]) + sum(last["checkpoint_s"])
-    # (each figure is rounded in the JSON to 4 decimals, the wall time to 3: their sum carries up to ~5e-4)
-    assert last["val_loop_share_measured"] == pytest.approx(last["val_share_measured"] - parts / last["wall_s"], abs=1e-3)
+    assert all(0 < s + c < p for s, c, p in zip(last["sample_s"], last["checkpoint_s"], last["val_pauses_s"]))
+    assert 0 < last["val_loop_share_measured"] < last["val_share_measured"]
     assert 0 < last["val_loop_share_at_config_schedule"] < last["val_share_at_config_schedule"]
     assert last["reached_target"]["step"] == 3  # any loss is below 10: reached at the first validation
     assert 0 < last["reached_target"]["train_s"] <= last["reached_target"]["wall_s"]
+    assert 2.0 < last["final_val_loss"] < 4.5
     assert not list(benchmarks.iterdir())
 
 
@@ -162,12 +184,14 @@ def test_a_pause_less_its_parts_leaves_a_part_missing_at_some_validations_in(ben
     assert without([], [], []) == []
 
 
+@pytest.mark.timeout(3600)  # four processes; a loaded machine is slow, and no benchmark may time out for it
 def test_gpu_suite_runs_every_benchmark_and_collects_their_figures(benchmarks, capsys, shakespeare_path):
-    # the CPU twin of the one command a lent GPU runs: the same scripts, tiny config, no compile
+    # the CPU twin of the one command a GPU runs: the same scripts, tiny config, no compile; a budget no machine
+    # spends, so each benchmark's share of it never cuts a slow run short
     import gpu_suite
 
     out = benchmarks / "gpu"
-    gpu_suite.main(["--smoke", "--out", str(out), "--corpus", str(shakespeare_path), "--budget-s", "400"])
+    gpu_suite.main(["--smoke", "--out", str(out), "--corpus", str(shakespeare_path), "--budget-s", "36000"])
     last, printed = _last_json_line(capsys)
     assert json.loads((out / "results.json").read_text()) == last
     assert list(last) == ["lecture_ratio", "time_to_target", "time_to_target_muon", "gpt2_124m_mfu", "generate"]
