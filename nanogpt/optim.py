@@ -175,7 +175,7 @@ def build_optimizer(
 
 
 class ScheduleLR(torch.optim.lr_scheduler.LambdaLR):
-    """LambdaLR whose schedule, not the checkpoint's optimizer state, sets the learning rate of the step a run resumes at.
+    """LambdaLR whose schedule, not the checkpoint's optimizer state, sets the rate of the step a run resumes at.
 
     The optimizer state restores the LR the checkpoint's schedule gave that step; a resumed run's schedule may differ
     (decay_steps unset and a larger max_steps re-stretch the cosine; a new min_lr or warmup_steps), and without this
