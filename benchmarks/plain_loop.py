@@ -4,7 +4,8 @@ and, run as a script, nanoGPT's own CPU recipe for tiny-shakespeare, timed to a 
 PlainLoop: same network (nanogpt.model.GPT, same seed so the same initial weights), same batches
 (nanogpt.data.sample_rank_batch from the same token placement), the same optimizer and schedule (nanogpt.optim: AdamW
 or Muon beside it, cosine or warmup-stable-decay) and gradient clipping as GPTModule, and on a GPU the same bf16
-autocast, fused AdamW and torch.compile. Nothing else: no logging, no checkpoints, no callbacks. throughput.py compares our Lightning path against it.
+autocast, fused AdamW and torch.compile. Nothing else: no logging, no checkpoints, no callbacks. throughput.py
+compares our Lightning path against it.
 
     python benchmarks/plain_loop.py --corpus input.txt [--target-loss 1.886]
 
