@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any, Literal, Optional
 
@@ -18,7 +17,6 @@ from nanogpt.distributed import all_reduce
 from nanogpt.errors import NanoGPTError
 from nanogpt.fault import NonFiniteGuard
 from nanogpt.model import GPT, GPTConfig
-from nanogpt.monitor import write_step_scalars
 from nanogpt.optim import (
     OptimizerName,
     OptimizerSettings,
@@ -27,21 +25,18 @@ from nanogpt.optim import (
     build_schedule,
     parameter_roles,
 )
-from nanogpt.tokenizer import CharTokenizer
+from nanogpt.steps import is_logging_step
+from nanogpt.tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
 
 
 def _plain_name(name: str) -> str:
-    """A parameter's name without the wrappers FSDP, activation checkpointing or torch.compile put in its path."""
-    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+    """A parameter's name without the wrappers FSDP and activation checkpointing put in its path (torch.compile
+    compiles the model in place, see configure_model, so it adds none)."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
         name = name.replace(wrapper, "")
     return name
 
 
-def _signature_computed_once(step: Any) -> Any:
-    """Stores a step method's signature on it: Lightning inspects training_step's and validation_step's on every
-    batch (inspect.getfullargspec, some 35 Python calls), and inspect returns a function's __signature__ as it is."""
-    step.__signature__ = inspect.signature(step)
-    return step
 
 
 class GPTModule(L.LightningModule):
@@ -93,12 +88,9 @@ class GPTModule(L.LightningModule):
         cooldown_fraction: float = 0.2,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
         # LightningCLI adds `_instantiator`, an import path that load_from_checkpoint would import: hyperparameters
         # (in checkpoints and hparams.yaml) stay plain values that name no code
-        for hparams in (self.hparams, self._hparams_initial):
-            hparams.pop("_instantiator", None)
-            hparams.pop("_class_path", None)
+        self.save_hyperparameters(ignore=["_instantiator", "_class_path"])
         try:
             self.config = GPTConfig(
                 vocab_size=vocab_size,
@@ -132,14 +124,14 @@ class GPTModule(L.LightningModule):
         # under FSDP configure_optimizers sees parameters flattened into 1-D shards
         self._param_roles = parameter_roles(self.model, optimizer)
         self.val_loss = MeanMetric()
-        self._loss_step, self._loss_count, self._loss_sum = -1, 0, torch.zeros(())  # see _global_batch_loss
-        self.tokenizer: Optional[CharTokenizer] = None
+        self._loss_sum: Optional[torch.Tensor] = None  # () the optimizer step's micro-batch losses so far, detached
+        self.tokenizer: Optional[Tokenizer] = None
+        self.val_bpb = MeanMetric()  # bits per UTF-8 byte: one yardstick across tokenizers
+        self._token_bytes: Optional[torch.Tensor] = None  # (vocab,) UTF-8 bytes of each token id, for val/bpb
         # the step's total gradient norm before clipping, a device tensor (train/grad_norm, the non-finite guard)
         self.grad_norm: Optional[torch.Tensor] = None
         self._trained_params: list[torch.nn.Parameter] = []  # set in configure_optimizers
         self.nonfinite = NonFiniteGuard()  # read by FaultTolerance every log interval and before each checkpoint
-        # training scalars of a logging step, from the module and the callbacks, written together at its end
-        self.step_scalars: dict[str, Any] = {}
         # the RNG states at the step boundary where validation began, put back before the next step
         # (see on_validation_start); None while training draws on undisturbed
         self._boundary_rng: Optional[dict[str, Any]] = None
@@ -149,55 +141,40 @@ class GPTModule(L.LightningModule):
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         return self.model(idx, targets)
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        # Lightning sets _current_fx_name before and after every hook it calls, some 30 times a step; it is never a
-        # parameter, buffer or submodule, so nn.Module's bookkeeping (about 1.6 us a call) can be skipped
-        if name == "_current_fx_name":
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
-
-    @_signature_computed_once
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch  # (B, T), (B, T)
         _, loss = self.model(x, y)
         self.nonfinite.see_loss(loss)  # on a GPU no sync; a CPU reads a float (waits for nothing)
-        if self._is_logging_step():
-            # Only on logging steps (every log_every_n_steps): nothing here waits for the device on other steps.
-            # The scalars are written in on_train_batch_end, in one go with the callbacks' (see write_step_scalars)
-            self.step_scalars["train/loss"] = self._global_batch_loss(loss)
-            self.step_scalars["train/lr"] = self.optimizers().param_groups[0]["lr"]
+        # the sum of the step's micro-batch losses for train/loss: a device op, no sync (none at all without
+        # gradient accumulation); read on logging steps only
+        seen = loss.detach()
+        self._loss_sum = seen if batch_idx % self.trainer.accumulate_grad_batches == 0 else self._loss_sum + seen
         return loss
 
-    def _global_batch_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """The mean loss over the optimizer step's micro-batches so far; on steps the logger writes, over all ranks.
-
-        So train/loss is the loss of the whole global batch on any number of devices and accumulation steps,
-        at the cost of one scalar all-reduce every log_every_n_steps steps. Called on logging steps only.
-        """
-        if self._loss_step != self.global_step:  # the first micro-step of an optimizer step
-            self._loss_sum, self._loss_count, self._loss_step = torch.zeros_like(loss.detach()), 0, self.global_step
-        self._loss_sum = self._loss_sum + loss.detach()
-        self._loss_count += 1
-        mean = self._loss_sum / self._loss_count
-        trainer = self.trainer
-        if (trainer.world_size > 1 and (self.global_step + 1) % trainer.log_every_n_steps == 0
-                and not trainer.fit_loop._should_accumulate()):  # the step's last micro-batch: the value logged
-            mean = all_reduce(mean, "mean", trainer.strategy)  # every rank takes this branch together
-        return mean
-
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # after every callback's on_train_batch_end, so their scalars of this step are in step_scalars too
-        if self.step_scalars and not self.trainer.fit_loop._should_accumulate():
-            write_step_scalars(self.trainer, self.step_scalars)
-            self.step_scalars = {}
+        if not is_logging_step(self.trainer, batch_idx):
+            return  # nothing logged, nothing read back from the device
+        # the mean loss of the whole global batch: over the step's micro-batches and, on several devices, over all
+        # ranks (one scalar all-reduce every log_every_n_steps steps; every rank takes this branch together)
+        mean = self._loss_sum / self.trainer.accumulate_grad_batches
+        if self.trainer.world_size > 1:
+            mean = all_reduce(mean, "mean", self.trainer.strategy)
+        # not prog_bar=True: Lightning converts progress-bar values to floats after every batch, the cached ones of
+        # earlier steps too (a host-device sync per step on GPUs); StepProgressBar reads callback_metrics instead
+        self.log("train/loss", mean)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
 
-    @_signature_computed_once
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         _, loss = self.model(x, y)
         # weight by tokens so the epoch value is the mean over all validation characters, on any number of ranks
         self.val_loss.update(loss, weight=y.numel())
+        if self._token_bytes is not None:
+            # weighted by bytes, the epoch mean is the validation text's total bits over its total bytes
+            if self._token_bytes.device != y.device:
+                self._token_bytes = self._token_bytes.to(y.device)  # once: (vocab,) on the batch's device
+            n_bytes = self._token_bytes[y].sum()
+            self.val_bpb.update(loss * y.numel() / (math.log(2) * n_bytes), weight=n_bytes)
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()  # reduced across ranks
@@ -205,7 +182,11 @@ class GPTModule(L.LightningModule):
         # the values are already equal on every rank; sync_dist only spares Lightning's warning (3 scalars)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/ppl", torch.exp(loss), sync_dist=True)
-        self.log("val/bpc", loss / math.log(2), sync_dist=True)  # nats per character -> bits per character
+        if self.tokenizer is None or self.tokenizer.kind == "char":
+            self.log("val/bpc", loss / math.log(2), sync_dist=True)  # nats per character -> bits per character
+        if self._token_bytes is not None:
+            self.log("val/bpb", self.val_bpb.compute(), sync_dist=True)
+            self.val_bpb.reset()
 
     def configure_optimizers(self) -> dict[str, Any]:
         named = [(_plain_name(name), p) for name, p in self.model.named_parameters() if p.requires_grad]
@@ -267,12 +248,17 @@ class GPTModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "tokenizer"):
-            self.tokenizer = datamodule.tokenizer
+            self._set_tokenizer(datamodule.tokenizer)
             if self.tokenizer.vocab_size != self.config.vocab_size:
                 raise NanoGPTError(
                     f"model.vocab_size is {self.config.vocab_size} but the data has {self.tokenizer.vocab_size} "
-                    "characters; leave vocab_size unset so it is taken from the data"
+                    "tokens; leave vocab_size unset so it is taken from the data"
                 )
+
+    def _set_tokenizer(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        counts = tokenizer.token_bytes()  # None for a subword tokenizer whose tokens have no fixed bytes
+        self._token_bytes = None if counts is None else torch.as_tensor(counts)
 
     def on_train_start(self) -> None:
         # the split of the global batch in use, once: on the console and as scalars at the start step
@@ -316,12 +302,19 @@ class GPTModule(L.LightningModule):
         checkpoint["rng_states"] = states
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        stored = checkpoint.get("tokenizer")
+        stored = None if stored is None else tokenizer_from_dict(stored)
+        # before the config check: a new tokenizer also changes vocab_size, and this names the cause
+        if stored is not None and self.tokenizer is not None and stored != self.tokenizer:
+            raise NanoGPTError(tokenizer_change(stored, self.tokenizer))
         stored_hparams = checkpoint.get("hyper_parameters")
         if isinstance(stored_hparams, dict):
             check_resume_config(stored_hparams, dict(self.hparams))
         states = checkpoint.get("rng_states")
-        trainer = self._trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        try:
+            rank, world = self.trainer.global_rank, self.trainer.world_size
+        except RuntimeError:  # load_from_checkpoint: no trainer
+            rank, world = 0, 1
         if states and len(states) == world:
             self._boundary_rng = states[rank]
         elif states:
@@ -329,20 +322,20 @@ class GPTModule(L.LightningModule):
                 f"the checkpoint holds RNG states for {len(states)} processes but this run has {world}: "
                 "training resumes, but its random dropout masks will differ from an uninterrupted run"
             )
-        stored = checkpoint.get("tokenizer")
-        if stored is None:
-            return
-        stored = CharTokenizer.from_dict(stored)
-        if self.tokenizer is not None and stored != self.tokenizer:
-            added = sorted(set(self.tokenizer.chars) - set(stored.chars))
-            removed = sorted(set(stored.chars) - set(self.tokenizer.chars))
-            raise NanoGPTError(
-                f"the checkpoint's vocabulary differs from the data's (new characters {added}, missing {removed}); "
-                "resume with the data the run was trained on, or start a new run"
-            )
-        self.tokenizer = stored
+        if stored is not None:
+            self._set_tokenizer(stored)
 
-    def _is_logging_step(self) -> bool:
-        """Whether Lightning writes this step's logs (its own rule): logging on other steps only costs time."""
-        every = self.trainer.log_every_n_steps
-        return every > 0 and ((self.global_step + 1) % every == 0 or self.trainer.should_stop)
+
+def tokenizer_change(stored: Tokenizer, current: Tokenizer) -> str:
+    """Why a run cannot resume: its checkpoint's tokenizer is not the data's (one line naming both)."""
+    if isinstance(stored, CharTokenizer) and isinstance(current, CharTokenizer):
+        added = sorted(set(current.chars) - set(stored.chars))
+        removed = sorted(set(stored.chars) - set(current.chars))
+        return (
+            f"the checkpoint's vocabulary differs from the data's (new characters {added}, missing {removed}); "
+            "resume with the data the run was trained on, or start a new run"
+        )
+    return (
+        f"the checkpoint's tokenizer is {stored.describe()} but the data's is {current.describe()}; "
+        "resume with the --data.tokenizer the run was trained with, or start a new run"
+    )

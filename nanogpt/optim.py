@@ -193,10 +193,15 @@ def build_schedule(
 ) -> ScheduleLR:
     """The LR schedule, stepped once per optimizer step: each group's peak rate times the schedule's multiplier.
 
-    The multiplier falls to min_lr / learning_rate at decay_steps (default: max_steps, or 5000 without it), in
-    every group: Muon's rate ends at the same fraction of muon_lr.
+    The multiplier falls to min_lr / learning_rate at decay_steps (default: max_steps), in every group: Muon's rate
+    ends at the same fraction of muon_lr.
     """
-    decay_steps = s.decay_steps or (max_steps if max_steps > 0 else 5000)
+    decay_steps = s.decay_steps or max_steps
+    if decay_steps <= 0:  # max_steps -1: training has no set end for the schedule to reach
+        raise NanoGPTError(
+            "the learning-rate schedule needs an end: set --trainer.max_steps, or --model.decay_steps "
+            "(the step where the schedule reaches model.min_lr)"
+        )
     common = {"warmup_steps": s.warmup_steps, "decay_steps": decay_steps, "min_ratio": s.min_lr / s.learning_rate}
     if s.schedule == "cosine":
         multiplier = partial(warmup_cosine, **common)
