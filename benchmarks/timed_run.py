@@ -1,7 +1,20 @@
-"""A real train.py run, timed from the inside: step time, validation pauses, and the time to a target val/loss.
+"""A real train.py run, timed from the inside: step time, validation pauses, and the time to a target val/loss;
+or the time to a target val/loss of train.py against nanoGPT's recipe, each from process start.
 
-    python benchmarks/timed_run.py --config configs/shakespeare_char.yaml --target-loss 1.47      # a full run
+    python benchmarks/timed_run.py --config configs/shakespeare_char_cpu.yaml --target-loss 1.886  # ours vs nanoGPT
+    python benchmarks/timed_run.py --config configs/shakespeare_char.yaml --target-loss 1.47 --stop-at-target
     python benchmarks/timed_run.py --config configs/shakespeare_char.yaml --steps 6 --val-every 3  # a short probe
+
+Time to loss (--target-loss without --stop-at-target, --steps or --val-every): `python train.py --config CONFIG`
+(plus any other arguments, and Lightning's EarlyStopping with stopping_threshold = the target, so the run ends at
+the first validation below it) and `python benchmarks/plain_loop.py` (nanoGPT's CPU recipe, run to its end so that
+its final val/loss is checked too), each a fresh process timed from its start: ours to its exit, nanoGPT's to its
+first evaluation at or below the target; taking turns for --rounds rounds (the order alternates). A side that never
+reaches the target reports its whole run, flagged (`ours_reached`, `plain_reached`): for nanoGPT that is a lower
+bound on its time, so the ratio errs in its favour. Prints one JSON line: {"target", "ours_s", "plain_s", "ratio",
+"ours_steps", "plain_steps", ...} (medians over the rounds; ratio = ours_s / plain_s).
+
+The other two forms run train.py's path in this process:
 
 A validation pause is the validation loop plus what a run does after it: the monitor's text sample and the
 checkpoint saves. The share of wall time spent in them is measured on the run itself, and also projected onto the
@@ -19,11 +32,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
@@ -33,6 +49,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from nanogpt.cli import GPTLightningCLI
 from nanogpt.errors import NanoGPTError
 from nanogpt.metrics import TrainingMonitor
+from nanogpt.sources import tinyshakespeare_path
 
 
 def sync_device(module: L.LightningModule) -> None:
@@ -190,6 +207,79 @@ def without(pauses: list[float], *parts: list[float]) -> list[float]:
     return [p - sum(part[i] for part in parts if len(part) == len(pauses)) for i, p in enumerate(pauses)]
 
 
+ROOT = Path(__file__).resolve().parents[1]
+PLAIN_ARGS: list[str] = []  # plain_loop.py's recipe as it is (tests shorten it)
+
+
+def _ours(args: argparse.Namespace, config_args: list[str], run_dir: str) -> dict:
+    """One `python train.py` run that ends at its first validation below the target: seconds, steps, best val/loss."""
+    stop = {"class_path": "lightning.pytorch.callbacks.EarlyStopping",
+            "init_args": {"monitor": "val/loss", "stopping_threshold": args.target_loss, "patience": 10**9}}
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", args.config, *config_args,
+           "--trainer.default_root_dir", run_dir, "--trainer.callbacks+", json.dumps(stop)]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise NanoGPTError(f"train.py failed: {done.stderr.strip().splitlines()[-1:]}")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    val = [(e.step + 1, e.value) for e in events.Scalars("val/loss")]  # logged at the step's index, from 0
+    return {"s": seconds, "steps": val[-1][0], "val": round(val[-1][1], 4), "reached": val[-1][1] < args.target_loss}
+
+
+def _plain(args: argparse.Namespace, corpus: str) -> dict:
+    """One `python benchmarks/plain_loop.py` run of nanoGPT's whole recipe (2000 steps): the seconds from process
+    start to its first evaluation at or below the target, and its val/loss at the end."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "plain_loop.py"), "--corpus", corpus, *PLAIN_ARGS]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise NanoGPTError(f"plain_loop.py failed: {done.stderr.strip().splitlines()[-1:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    reached = next((e for e in result["evals"] if e["val"] <= args.target_loss), None)
+    # the evaluations' times count from main(); what the process spent after the one that reached it is left out
+    to_target = seconds - (result["wall_s"] - reached["s"]) if reached else seconds
+    return {"s": to_target, "steps": reached["step"] if reached else result["steps"], "val_at_end": result["final_val"],
+            "reached": reached is not None}
+
+
+def time_to_loss(args: argparse.Namespace, config_args: list[str]) -> dict:
+    """Ours and nanoGPT's recipe to the target, each from process start, in alternating order, args.rounds times."""
+    corpus = args.corpus or str(tinyshakespeare_path())
+    if not Path(corpus).is_file():
+        raise NanoGPTError(f"no tiny-shakespeare at {corpus}: train once to download it, or pass --corpus")
+    rounds = []
+    for i in range(args.rounds):
+        row = {}
+        for side in ("ours", "plain") if i % 2 == 0 else ("plain", "ours"):
+            with tempfile.TemporaryDirectory(prefix="nanogpt-ttl-") as run_dir:
+                row[side] = _ours(args, config_args, run_dir) if side == "ours" else _plain(args, corpus)
+        rounds.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)  # each round as it ends (stdout keeps the one line)
+
+    def median(side: str, key: str) -> float:
+        return round(statistics.median(r[side][key] for r in rounds), 2)
+
+    return {
+        "target": args.target_loss,
+        "ours_s": median("ours", "s"),
+        "plain_s": median("plain", "s"),
+        "ratio": round(statistics.median(r["ours"]["s"] / r["plain"]["s"] for r in rounds), 3),
+        "ours_steps": median("ours", "steps"),
+        "plain_steps": median("plain", "steps"),
+        "ours_reached": all(r["ours"]["reached"] for r in rounds),
+        "plain_reached": all(r["plain"]["reached"] for r in rounds),
+        "config": args.config,
+        "config_args": config_args,
+        "rounds": rounds,
+    }
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True)
@@ -199,7 +289,17 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--target-loss", type=float, default=None, help="note when val/loss first reaches this")
     p.add_argument("--stop-at-target", action="store_true", help="end the run there")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--rounds", type=int, default=1, help="time to loss: runs of each side, taking turns")
+    p.add_argument("--corpus", default=None, help="time to loss: tiny-shakespeare's input.txt for nanoGPT's recipe "
+                                                  "(default: the data cache's)")
     args, config_args = p.parse_known_args(argv)
+    if args.target_loss is not None and not (args.stop_at_target or args.steps or args.val_every):
+        try:
+            print(json.dumps(time_to_loss(args, config_args)))
+        except NanoGPTError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        return
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     quiet_lightning()
 

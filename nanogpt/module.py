@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import Any, Literal, Optional
 
 import lightning as L
@@ -18,6 +17,14 @@ from nanogpt.distributed import all_reduce
 from nanogpt.errors import NanoGPTError
 from nanogpt.fault import NonFiniteGuard
 from nanogpt.model import GPT, GPTConfig
+from nanogpt.optim import (
+    OptimizerName,
+    OptimizerSettings,
+    ScheduleName,
+    build_optimizer,
+    build_schedule,
+    parameter_roles,
+)
 from nanogpt.steps import is_logging_step
 from nanogpt.tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
 
@@ -30,28 +37,6 @@ def _plain_name(name: str) -> str:
     return name
 
 
-def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
-    """LR multiplier at an optimizer step: linear warmup, then cosine decay to min_ratio, then flat."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    if step >= decay_steps:
-        return min_ratio
-    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
-    return min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_ratio)
-
-
-class ScheduleLR(torch.optim.lr_scheduler.LambdaLR):
-    """LambdaLR whose schedule, not the checkpoint's optimizer state, sets the learning rate of the step a run resumes at.
-
-    The optimizer state restores the LR the checkpoint's schedule gave that step; a resumed run's schedule may differ
-    (decay_steps unset and a larger max_steps re-stretch the cosine; a new min_lr or warmup_steps), and without this
-    its first step would still train at the old value. With an unchanged schedule the value is the same.
-    """
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        for group, base_lr, fn in zip(self.optimizer.param_groups, self.base_lrs, self.lr_lambdas):
-            group["lr"] = base_lr * fn(self.last_epoch)  # LambdaLR's own formula for the step at last_epoch
 
 
 class GPTModule(L.LightningModule):
@@ -61,11 +46,19 @@ class GPTModule(L.LightningModule):
         vocab_size: number of tokens; linked from the data by the CLI.
         block_size, n_layer, n_head, n_embd, dropout, bias, activation: the network's shape (see GPTConfig).
         learning_rate: peak AdamW learning rate, reached after warmup_steps.
-        min_lr: the learning rate at the end of the cosine decay.
+        min_lr: the AdamW learning rate at the end of the schedule (Muon's ends at the same fraction of muon_lr).
         warmup_steps: optimizer steps of linear warmup.
-        decay_steps: optimizer step where the cosine reaches min_lr (default: trainer.max_steps).
+        decay_steps: optimizer step where the schedule reaches min_lr (default: trainer.max_steps).
         weight_decay: AdamW weight decay, applied only to tensors of two or more dims (matmuls, embeddings).
         beta1, beta2: AdamW betas.
+        optimizer: "adamw" for every weight, or "muon": torch.optim.Muon for the transformer blocks' 2-D weight
+            matrices and AdamW for embeddings, biases and LayerNorm gains (not with FSDP; see nanogpt/optim.py).
+        muon_lr: peak Muon learning rate (with optimizer "muon").
+        muon_momentum: Muon's (Nesterov) momentum.
+        muon_weight_decay: Muon's decoupled weight decay on the block matrices.
+        schedule: "cosine" (warmup, then cosine down to min_lr) or "wsd" (warmup, constant, then a linear
+            cool-down to min_lr over the last cooldown_fraction of decay_steps).
+        cooldown_fraction: the share of decay_steps the "wsd" cool-down takes.
         compile: compile the inner model with torch.compile.
     """
 
@@ -87,6 +80,12 @@ class GPTModule(L.LightningModule):
         beta1: float = 0.9,
         beta2: float = 0.99,
         compile: bool = False,
+        optimizer: OptimizerName = "adamw",
+        muon_lr: float = 0.02,
+        muon_momentum: float = 0.95,
+        muon_weight_decay: float = 0.0,
+        schedule: ScheduleName = "cosine",
+        cooldown_fraction: float = 0.2,
     ) -> None:
         super().__init__()
         # LightningCLI adds `_instantiator`, an import path that load_from_checkpoint would import: hyperparameters
@@ -105,14 +104,25 @@ class GPTModule(L.LightningModule):
             )
         except ValueError as e:
             raise NanoGPTError(str(e)) from None
-        if learning_rate <= 0 or min_lr < 0 or min_lr > learning_rate:
-            raise NanoGPTError(
-                f"need 0 <= model.min_lr <= model.learning_rate and learning_rate > 0, got {min_lr} and {learning_rate}"
-            )
+        self.optim_settings = OptimizerSettings(
+            optimizer=optimizer,
+            learning_rate=learning_rate,
+            min_lr=min_lr,
+            weight_decay=weight_decay,
+            beta1=beta1,
+            beta2=beta2,
+            muon_lr=muon_lr,
+            muon_momentum=muon_momentum,
+            muon_weight_decay=muon_weight_decay,
+            schedule=schedule,
+            warmup_steps=warmup_steps,
+            decay_steps=decay_steps,
+            cooldown_fraction=cooldown_fraction,
+        )
         self.model = GPT(self.config)
-        # weight decay for matrices and embeddings, not biases and LayerNorm gains: decided on the true shapes now,
-        # by name, because under FSDP configure_optimizers sees parameters flattened into 1-D shards
-        self._decayed = {name for name, p in self.model.named_parameters() if p.dim() >= 2}
+        # which optimizer and weight decay each parameter gets: decided on the true shapes now, by name, because
+        # under FSDP configure_optimizers sees parameters flattened into 1-D shards
+        self._param_roles = parameter_roles(self.model, optimizer)
         self.val_loss = MeanMetric()
         self._loss_sum: Optional[torch.Tensor] = None  # () the optimizer step's micro-batch losses so far, detached
         self.tokenizer: Optional[Tokenizer] = None
@@ -179,30 +189,15 @@ class GPTModule(L.LightningModule):
             self.val_bpb.reset()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
         named = [(_plain_name(name), p) for name, p in self.model.named_parameters() if p.requires_grad]
         self._trained_params = [p for _, p in named]  # for clipping every step (a module walk costs ~0.1 ms)
-        groups = [
-            {"params": [p for name, p in named if name in self._decayed], "weight_decay": hp.weight_decay},
-            {"params": [p for name, p in named if name not in self._decayed], "weight_decay": 0.0},
-        ]
-        # fused: one kernel for all tensors (3-5x faster than the per-tensor loop on a CPU too), and it can skip a
-        # step with non-finite gradients on the device (NonFiniteGuard) where others would need a host sync
-        fused = self.device.type in ("cuda", "cpu")
-        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(hp.beta1, hp.beta2), fused=fused)
-        decay_steps = hp.decay_steps or self.trainer.max_steps
-        if decay_steps <= 0:  # max_steps -1: training has no set end for the cosine to reach
+        if self.optim_settings.optimizer == "muon" and isinstance(self.trainer.model, FullyShardedDataParallel):
             raise NanoGPTError(
-                "the learning-rate schedule needs an end: set --trainer.max_steps, or --model.decay_steps "
-                "(the step where the cosine decay reaches model.min_lr)"
+                "--model.optimizer muon needs whole 2-D weight matrices, which FSDP shards: "
+                "use --model.optimizer adamw with FSDP"
             )
-        schedule = partial(
-            warmup_cosine,
-            warmup_steps=hp.warmup_steps,
-            decay_steps=decay_steps,
-            min_ratio=hp.min_lr / hp.learning_rate,
-        )
-        scheduler = ScheduleLR(optimizer, schedule)
+        optimizer = build_optimizer(named, self._param_roles, self.optim_settings, self.device)
+        scheduler = build_schedule(optimizer, self.optim_settings, self.trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(

@@ -146,6 +146,36 @@ def test_timed_run_reports_validation_share_and_time_to_target(benchmarks, capsy
     assert not list(benchmarks.iterdir())
 
 
+def test_time_to_loss_runs_train_py_and_nanogpts_recipe_as_processes(benchmarks, capsys, monkeypatch,
+                                                                      shakespeare_path):
+    import timed_run
+
+    # any loss is below 10: train.py stops at its first validation (step 5); the recipe (cut to 3 steps) reached it
+    # at its step-0 evaluation
+    monkeypatch.setattr(timed_run, "PLAIN_ARGS", ["--max-iters", "3"])
+    timed_run.main(["--config", str(TINY_CONFIG), "--target-loss", "10", "--corpus", str(shakespeare_path),
+                    "--trainer.val_check_interval", "5"])
+    last, _ = _last_json_line(capsys)
+    assert list(last)[:6] == ["target", "ours_s", "plain_s", "ratio", "ours_steps", "plain_steps"]
+    assert last["target"] == 10 and last["ours_steps"] == 5 and last["plain_steps"] == 0
+    assert last["ours_reached"] and last["plain_reached"] and last["ours_s"] > 0 and last["plain_s"] > 0
+    assert last["ratio"] == pytest.approx(last["ours_s"] / last["plain_s"], rel=1e-2)
+    assert not list(benchmarks.iterdir())
+
+
+def test_nanogpts_recipe_trains_and_evaluates_like_its_train_py(benchmarks, capsys, shakespeare_path):
+    import plain_loop
+
+    plain_loop.main(["--corpus", str(shakespeare_path), "--max-iters", "4"])
+    last, _ = _last_json_line(capsys)
+    assert [e["step"] for e in last["evals"]] == [0, 4]  # every 250 steps from step 0, and at the end
+    assert last["reached"] is None and last["steps"] == 4 and last["final_val"] == last["evals"][-1]["val"]
+    assert last["evals"][-1]["val"] < last["evals"][0]["val"] < 4.3  # about ln(65) = 4.17 before training
+    plain_loop.main(["--corpus", str(shakespeare_path), "--max-iters", "4", "--target-loss", "10"])
+    last, _ = _last_json_line(capsys)
+    assert last["reached"]["step"] == 0 and len(last["evals"]) == 1  # stopped at the first evaluation
+
+
 def test_a_pause_less_its_parts_leaves_a_part_missing_at_some_validations_in(benchmarks):
     from timed_run import without
 
@@ -164,13 +194,15 @@ def test_gpu_suite_runs_every_benchmark_and_collects_their_figures(benchmarks, c
     gpu_suite.main(["--smoke", "--out", str(out), "--corpus", str(shakespeare_path), "--budget-s", "36000"])
     last, printed = _last_json_line(capsys)
     assert json.loads((out / "results.json").read_text()) == last
-    assert list(last) == ["lecture_ratio", "time_to_target", "gpt2_124m_mfu", "generate"]
+    assert list(last) == ["lecture_ratio", "time_to_target", "time_to_target_muon", "gpt2_124m_mfu", "generate"]
     for name, entry in last.items():
         assert entry["status"] == "ok", (name, (out / f"{name}.log").read_text()[-2000:])
         assert entry["command"].startswith("python benchmarks/") and entry["result"], name
         assert f"{name}: ok in " in printed
     assert last["lecture_ratio"]["result"]["ratio"] > 0
-    assert last["time_to_target"]["result"]["reached_target"]["step"] == 2 and last["time_to_target"]["result"]["steps"] == 2
+    for name in ("time_to_target", "time_to_target_muon"):
+        assert last[name]["result"]["reached_target"]["step"] == 2 and last[name]["result"]["steps"] == 2
+    assert "--model.optimizer muon" in last["time_to_target_muon"]["command"]
     assert last["gpt2_124m_mfu"]["result"]["ours_mfu"] > 0
     assert last["generate"]["result"]["speedup"] > 0
 
