@@ -124,6 +124,7 @@ class GPTModule(L.LightningModule):
         # under FSDP configure_optimizers sees parameters flattened into 1-D shards
         self._param_roles = parameter_roles(self.model, optimizer)
         self.val_loss = MeanMetric()
+        self._step_lr = 0.0  # the learning rate of the optimizer step in progress (train/lr)
         self._loss_sum: Optional[torch.Tensor] = None  # () the optimizer step's micro-batch losses so far, detached
         self.tokenizer: Optional[Tokenizer] = None
         self.val_bpb = MeanMetric()  # bits per UTF-8 byte: one yardstick across tokenizers
@@ -148,7 +149,12 @@ class GPTModule(L.LightningModule):
         # the sum of the step's micro-batch losses for train/loss: a device op, no sync (none at all without
         # gradient accumulation); read on logging steps only
         seen = loss.detach()
-        self._loss_sum = seen if batch_idx % self.trainer.accumulate_grad_batches == 0 else self._loss_sum + seen
+        if batch_idx % self.trainer.accumulate_grad_batches == 0:  # the step's first micro-batch
+            self._loss_sum = seen
+            # the rate this step trains at (a float, no sync): by on_train_batch_end the scheduler holds the next one
+            self._step_lr = self.optimizers().param_groups[0]["lr"]
+        else:
+            self._loss_sum = self._loss_sum + seen
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -162,7 +168,7 @@ class GPTModule(L.LightningModule):
         # not prog_bar=True: Lightning converts progress-bar values to floats after every batch, the cached ones of
         # earlier steps too (a host-device sync per step on GPUs); StepProgressBar reads callback_metrics instead
         self.log("train/loss", mean)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        self.log("train/lr", self._step_lr)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
