@@ -13,7 +13,7 @@ import torch
 from nanogpt.evaluate import main, sliding_windows
 from nanogpt.export import export
 from nanogpt.generate import load_checkpoint
-from tests.conftest import REPO, assert_user_error, read_scalars, run_main
+from tests.conftest import REPO, TINY_CONFIG, assert_user_error, read_scalars, run_main, run_script
 from tests.test_pretrained import write_hub_cache
 
 
@@ -29,11 +29,23 @@ def text_file(tmp_path, shakespeare_text):
     return path
 
 
-def test_split_val_gives_the_runs_logged_val_loss(trained_run, capsys):
-    logged = read_scalars(trained_run)["val/loss"]
-    last = figures(run_main(main, capsys, "--ckpt", trained_run / "checkpoints" / "last.ckpt", "--split", "val"))
-    assert abs(last["loss"] - logged[-1][1]) < 1e-5
-    best = figures(run_main(main, capsys, "--ckpt", trained_run, "--split", "val"))  # a run dir: its best.ckpt
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, nanogpt_cache):
+    """A real train.py run of the tiny config: 30 steps, validated every 10 (on blocks of the held-out tenth)."""
+    work = tmp_path_factory.mktemp("short_run")
+    result = run_script("train.py", "--config", TINY_CONFIG, "--trainer.max_steps", 30, "--trainer.val_check_interval",
+                        10, "--data.val_blocks", 40, "--trainer.default_root_dir", work / "run", cwd=work,
+                        env={"NANOGPT_CACHE": str(nanogpt_cache)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work / "run"
+
+
+def test_split_val_gives_the_runs_logged_val_loss(short_run, capsys):
+    logged = read_scalars(short_run)["val/loss"]
+    assert len(logged) == 3
+    last = figures(run_main(main, capsys, "--ckpt", short_run / "checkpoints" / "last.ckpt", "--split", "val"))
+    assert abs(last["loss"] - logged[-1][1]) < 1e-5 and last["windows"] == 40
+    best = figures(run_main(main, capsys, "--ckpt", short_run, "--split", "val"))  # a run dir: its best.ckpt
     assert abs(best["loss"] - min(v for _, v in logged)) < 1e-5
     assert best["bpc"] == pytest.approx(best["loss"] / math.log(2)) and best["perplexity"] == pytest.approx(
         math.exp(best["loss"]))
