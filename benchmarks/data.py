@@ -43,7 +43,7 @@ def peak_rss_mb() -> float:
 
 def child(task: str, source: str, cache: str, steps: int) -> dict:
     """One measurement in this (fresh) process."""
-    from nanogpt.corpus import CorpusConfig, prepare_corpus
+    from nanogpt.token_cache import CorpusConfig, prepare_corpus
 
     if task in ("encode", "hit"):
         start, cpu_start = time.perf_counter(), time.process_time()

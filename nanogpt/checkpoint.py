@@ -176,6 +176,19 @@ def check_resumable(path: Union[str, Path]) -> dict[str, Any]:
     return ckpt
 
 
+def resolve_checkpoint(path: str) -> Path:
+    """A checkpoint file, or a run dir's best checkpoint (else its last)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        for candidate in (p / "checkpoints" / "best.ckpt", p / "checkpoints" / "last.ckpt", p / "best.ckpt", p / "last.ckpt"):
+            if candidate.is_file():
+                return candidate
+        raise NanoGPTError(f"run dir {path} holds no checkpoints/best.ckpt or checkpoints/last.ckpt; train it first")
+    if not p.is_file():
+        raise NanoGPTError(f"checkpoint {path} does not exist; pass a .ckpt file or a run dir")
+    return p
+
+
 def step_checkpoints(ckpt_dir: Union[str, Path]) -> list[Path]:
     """A run's step-N.ckpt files, newest step first."""
     ckpt_dir = Path(ckpt_dir)

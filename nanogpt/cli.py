@@ -24,7 +24,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from nanogpt.callbacks import RunCheckpoint, skip_empty_step_hooks
 from nanogpt.checkpoint import AtomicCheckpointIO, pick_resume_checkpoint, read_checkpoint
 from nanogpt.data import CharDataModule
-from nanogpt.distributed import apply_ddp_defaults, plan_batch
+from nanogpt.distributed import apply_ddp_defaults
 from nanogpt.errors import NanoGPTError
 from nanogpt.fault import FaultTolerance, TrainingInterrupted
 from nanogpt.module import GPTModule
@@ -196,10 +196,8 @@ class GPTLightningCLI(LightningCLI):
                 "or --trainer.strategy ddp to train on CPU processes"
             )
         # the world size is known once the Trainer exists: refuse a global batch that does not divide now,
-        # before any process is launched (the data module applies the same plan in setup on every rank)
-        dm = self.datamodule
-        plan = plan_batch(dm.batch_size, trainer.world_size, dm.micro_batch_size, trainer.accumulate_grad_batches)
-        trainer.accumulate_grad_batches = plan.accumulation
+        # before any process is launched
+        plan = self.datamodule.apply_batch_plan(trainer)
         if isinstance(trainer.val_check_interval, int):
             # Lightning counts val_check_interval in micro-batches: keep it in optimizer steps on any device count
             trainer.val_check_interval *= plan.accumulation

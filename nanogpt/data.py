@@ -1,4 +1,4 @@
-"""Character data: a corpus encoded once into a memory-mapped cache (nanogpt.corpus), served as blocks.
+"""Character data: a corpus encoded once into a memory-mapped cache (nanogpt.token_cache), served as blocks.
 
 Training batches are a pure function of (seed, global rank, world size, step): ranks never draw the same
 blocks and a resumed run continues the very same sequence. Validation uses a fixed set of blocks.
@@ -6,42 +6,17 @@ blocks and a resumed run continues the very same sequence. Validation uses a fix
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Literal, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-# the corpus helpers live in nanogpt.corpus; these names stay importable from here
-from nanogpt.corpus import (  # noqa: F401
-    TINYSHAKESPEARE_SHA256,
-    TINYSHAKESPEARE_URL,
-    CorpusConfig,
-    cache_root,
-    download_tinyshakespeare,
-    prepare_corpus,
-    read_corpus,
-    tinyshakespeare_path,
-    token_dtype,
-)
 from nanogpt.distributed import BatchPlan, plan_batch
 from nanogpt.errors import NanoGPTError
+from nanogpt.token_cache import CorpusConfig, prepare_corpus
 from nanogpt.tokenizer import CharTokenizer
-
-
-def sample_batch(
-    tokens: Union[np.ndarray, torch.Tensor], block_size: int, batch_size: int, seed: int, rank: int, step: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training batch for (seed, rank, step): batch_size random blocks, inputs and next-token targets.
-
-    tokens is a numpy array (gathered on the host) or a torch tensor on any device (gathered there, so a
-    corpus held on the GPU never crosses the bus); both give the same batch.
-    Returns x, y of shape (batch_size, block_size), int64, on the tokens' device; y is x shifted left by one.
-    """
-    rng = np.random.default_rng([seed, rank, step])
-    starts = rng.integers(0, len(tokens) - block_size, size=batch_size)  # (B,), block+1 tokens fit after each
-    return blocks_at(tokens, starts, block_size)
 
 
 def blocks_at(
@@ -159,8 +134,6 @@ class CharDataModule(L.LightningDataModule):
     """Character-level text for GPT training.
 
     Args:
-        source: "tinyshakespeare" (downloaded once into the cache), a text file, a directory (files matching glob,
-            recursively), a .jsonl/.json/.csv/.parquet file, a save_to_disk dataset folder, or "hf:NAME".
         batch_size: the global batch: sequences per optimizer step, summed over all devices and accumulation
             micro-steps. The same value trains the same way on any number of devices.
         block_size: context length; linked from model.block_size by the CLI.
@@ -168,60 +141,39 @@ class CharDataModule(L.LightningDataModule):
         val_blocks: number of fixed validation blocks, spread evenly over the validation split.
         seed: seed of the training batch sequence (batches are a function of seed, rank and step).
         cache_dir: where downloads and encoded corpora are cached (default $NANOGPT_CACHE or ~/.cache/nanogpt).
-        glob: which files of a directory source to read, recursively.
-        text_column: the column holding the text in .jsonl/.json/.csv/.parquet files and datasets.
-        hf_config: the dataset configuration for hf:NAME sources (load_dataset's second argument).
-        hf_split: the split read from hf:NAME sources and saved dataset dicts.
-        separator: put between documents (files, rows); default a blank line.
-        val_source: a separate validation corpus (any kind of source); then val_fraction is not used.
-        hf_val_split: the split read from val_source when it is hf:NAME or a saved dataset dict.
-        vocab: reuse the vocabulary of a checkpoint, run dir or vocabulary .json (fine-tuning on new text).
-        oov: characters outside a reused vocabulary: "error" (lists them), "drop", or "replace" (oov_replacement).
-        oov_replacement: the character that replaces them with oov="replace".
         micro_batch_size: sequences per forward/backward on one device (also the validation batch); the
             gradient accumulation is batch_size / (micro_batch_size x devices). Default: batch_size / devices,
             no accumulation. Lower it when a device runs out of memory; the training stays the same.
         tokens_on_device: keep the training split on the training device and gather batches there; None (auto):
             on a GPU when it takes at most a tenth of the free memory, else gather on the host and copy pinned.
+        **corpus: what to read and how to encode it: the fields of nanogpt.token_cache.CorpusConfig (source, glob,
+            text_column, hf_config, hf_split, separator, val_source, hf_val_split, vocab, oov, oov_replacement),
+            each a --data.NAME flag documented there.
     """
 
     def __init__(
         self,
-        source: str = "tinyshakespeare",
         batch_size: int = 64,
         block_size: int = 256,
         val_fraction: float = 0.1,
         val_blocks: int = 256,
         seed: int = 1337,
         cache_dir: Optional[str] = None,
-        glob: str = "*.txt",
-        text_column: str = "text",
-        hf_config: Optional[str] = None,
-        hf_split: str = "train",
-        separator: str = "\n\n",
-        val_source: Optional[str] = None,
-        hf_val_split: str = "validation",
-        vocab: Optional[str] = None,
-        oov: Literal["error", "drop", "replace"] = "error",
-        oov_replacement: Optional[str] = None,
         micro_batch_size: Optional[int] = None,
         tokens_on_device: Optional[bool] = None,
+        **corpus: Any,
     ) -> None:
         super().__init__()
-        self.source = source
         self.batch_size = batch_size
         self.block_size = block_size
         self.val_fraction = val_fraction
         self.val_blocks = val_blocks
         self.seed = seed
         self.cache_dir = cache_dir
-        self.corpus_config = dict(
-            source=source, glob=glob, text_column=text_column, hf_config=hf_config, hf_split=hf_split,
-            separator=separator, val_source=val_source, hf_val_split=hf_val_split, vocab=vocab, oov=oov,
-            oov_replacement=oov_replacement,
-        )  # checked and used in prepare_data/setup: __init__ does no work
+        # the options are checked here (CorpusConfig's own checks); the data is read in prepare_data/setup
+        self.corpus = CorpusConfig(**corpus)
         self.micro_batch_size = micro_batch_size
-        self.batch_plan: Optional[BatchPlan] = None  # set by setup() once a Trainer gives the world size
+        self.batch_plan: Optional[BatchPlan] = None  # set by apply_batch_plan once a Trainer gives the world size
         self.tokens_on_device = tokens_on_device
         self._device_tokens: Optional[torch.Tensor] = None  # the training split on the training device
         self._tokens: Optional[np.ndarray] = None
@@ -232,19 +184,15 @@ class CharDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Downloads and encodes the corpus into the cache (Lightning calls this on one process per node)."""
         if self._prepared is None:
-            self._prepared = prepare_corpus(CorpusConfig(**self.corpus_config), self.cache_dir)
+            self._prepared = prepare_corpus(self.corpus, self.cache_dir)
 
     def setup(self, stage: Optional[str] = None) -> None:
         """Reads and encodes the corpus (from the cache when it was seen before) and checks the splits.
 
-        Under a Trainer, also splits the global batch over its world size and sets its gradient accumulation.
+        Under a Trainer, also splits the global batch over its world size (apply_batch_plan).
         """
         if self.trainer is not None:
-            trainer = self.trainer
-            self.batch_plan = plan_batch(
-                self.batch_size, trainer.world_size, self.micro_batch_size, trainer.accumulate_grad_batches
-            )
-            trainer.accumulate_grad_batches = self.batch_plan.accumulation
+            self.apply_batch_plan(self.trainer)
         if self._tokens is not None:
             return
         for name in ("batch_size", "block_size", "val_blocks"):
@@ -253,14 +201,14 @@ class CharDataModule(L.LightningDataModule):
         if not 0.0 < self.val_fraction < 1.0:
             raise NanoGPTError(f"data.val_fraction must be between 0 and 1, got {self.val_fraction}")
         # memory-mapped from the cache (built there by prepare_data, or here on the other nodes' ranks)
-        corpus = self._prepared or prepare_corpus(CorpusConfig(**self.corpus_config), self.cache_dir)
+        corpus = self._prepared or prepare_corpus(self.corpus, self.cache_dir)
         tokens, tokenizer = corpus.train, corpus.tokenizer
         n_val = 0 if corpus.val is not None else int(len(tokens) * self.val_fraction)
         n_train = len(tokens) - n_val
         need = self.block_size + 1
         if len(tokens) < need:
             raise NanoGPTError(
-                f"data source {self.source} has {len(tokens)} characters, fewer than block_size+1 = {need}; "
+                f"data source {self.corpus.source} has {len(tokens)} characters, fewer than block_size+1 = {need}; "
                 "use more text or a smaller --model.block_size"
             )
         if n_train < need:
@@ -270,7 +218,7 @@ class CharDataModule(L.LightningDataModule):
             )
         if corpus.val is not None and len(corpus.val) < need:
             raise NanoGPTError(
-                f"the validation source {self.corpus_config['val_source']} has {len(corpus.val)} characters, "
+                f"the validation source {self.corpus.val_source} has {len(corpus.val)} characters, "
                 f"fewer than block_size+1 = {need}; use more validation text or a smaller --model.block_size"
             )
         if corpus.val is None and n_val < need:
@@ -280,6 +228,24 @@ class CharDataModule(L.LightningDataModule):
             )
         self._tokens, self._tokenizer, self._val = tokens, tokenizer, corpus.val
         self._n_train = n_train
+
+    def apply_batch_plan(self, trainer: L.Trainer) -> BatchPlan:
+        """Splits the global batch over trainer's world size and sets the trainer's gradient accumulation to match.
+
+        The CLI calls this as soon as its Trainer exists (a batch that does not divide is refused before any
+        process is launched); setup calls it again on every rank, which changes nothing once the plan is applied.
+        """
+        plan = self.batch_plan
+        if plan is None or (plan.world_size, plan.accumulation) != (trainer.world_size, trainer.accumulate_grad_batches):
+            plan = plan_batch(self.batch_size, trainer.world_size, self.micro_batch_size, trainer.accumulate_grad_batches)
+            trainer.accumulate_grad_batches = plan.accumulation
+            self.batch_plan = plan
+        return plan
+
+    @property
+    def source(self) -> str:
+        """The training source (--data.source), as the run's hyperparameters name it."""
+        return self.corpus.source
 
     @property
     def tokenizer(self) -> CharTokenizer:

@@ -6,3 +6,9 @@ class NanoGPTError(Exception):
 
     Entry points print it as ``error: <message>`` and exit non-zero, without a traceback.
     """
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (or its type's name): libraries' messages can span many lines."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

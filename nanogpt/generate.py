@@ -14,23 +14,10 @@ from typing import Iterator, Optional
 
 import torch
 
-from nanogpt.checkpoint import safe_load
+from nanogpt.checkpoint import resolve_checkpoint, safe_load
 from nanogpt.errors import NanoGPTError
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.tokenizer import CharTokenizer, describe_chars
-
-
-def resolve_checkpoint(path: str) -> Path:
-    """A checkpoint file, or a run dir's best checkpoint (else its last)."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        for candidate in (p / "checkpoints" / "best.ckpt", p / "checkpoints" / "last.ckpt", p / "best.ckpt", p / "last.ckpt"):
-            if candidate.is_file():
-                return candidate
-        raise NanoGPTError(f"run dir {path} holds no checkpoints/best.ckpt or checkpoints/last.ckpt; train it first")
-    if not p.is_file():
-        raise NanoGPTError(f"checkpoint {path} does not exist; pass a .ckpt file or a run dir")
-    return p
 
 
 def load_checkpoint(path: str, device: str = "cpu") -> tuple[GPT, CharTokenizer]:

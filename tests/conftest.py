@@ -1,4 +1,4 @@
-"""Shared test fixtures: a seeded data cache (no network), and helpers that run the real entry points."""
+"""Shared test fixtures: the corpus (found or fetched once), a seeded data cache, and helpers that run the entry points."""
 
 from __future__ import annotations
 
@@ -8,28 +8,60 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Optional
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# CI and developer machines have the corpus beside the checkout; tests never download it
-SHAKESPEARE = Path(os.environ.get("NANOGPT_TEST_SHAKESPEARE", REPO.parent / "shared" / "data" / "tinyshakespeare.txt"))
+# CI and developer machines have the corpus beside the checkout
+SHARED_SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 
 
-@pytest.fixture(scope="session")
-def shakespeare_text() -> str:
-    if not SHAKESPEARE.is_file():
-        pytest.fail(f"tiny-shakespeare not found at {SHAKESPEARE}; set NANOGPT_TEST_SHAKESPEARE to its path")
-    return SHAKESPEARE.read_text(encoding="utf-8")
+def find_shakespeare(explicit: Optional[str], beside: Path, cache_dir: Optional[str] = None) -> Path:
+    """Where the tests read tiny-shakespeare from, first found: explicit ($NANOGPT_TEST_SHAKESPEARE), beside
+    (../shared next to the checkout), the package's data cache (cache_dir, else $NANOGPT_CACHE or ~/.cache/nanogpt,
+    where the Quickstart's train command put it), else a download into that cache through the package's own
+    sha256-checked downloader. Raises LookupError with one line saying where to put the file."""
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise LookupError(f"NANOGPT_TEST_SHAKESPEARE={explicit} is not a file; point it at tinyshakespeare.txt")
+        return path
+    if beside.is_file():
+        return beside
+    from nanogpt.errors import NanoGPTError
+    from nanogpt.sources import download_tinyshakespeare, tinyshakespeare_path
+
+    try:
+        return download_tinyshakespeare(cache_dir)  # a verified copy in the cache, else downloaded and checked
+    except NanoGPTError as e:
+        why = str(e).split(";")[0]
+        raise LookupError(
+            f"the tests need tiny-shakespeare and none was found ({why}); put the file at {beside} or "
+            f"{tinyshakespeare_path(cache_dir)}, or set NANOGPT_TEST_SHAKESPEARE to its path"
+        ) from None
 
 
 @pytest.fixture(scope="session")
-def nanogpt_cache(tmp_path_factory, shakespeare_text) -> Path:
+def shakespeare_path() -> Path:
+    try:
+        return find_shakespeare(os.environ.get("NANOGPT_TEST_SHAKESPEARE"), SHARED_SHAKESPEARE)
+    except LookupError as e:
+        pytest.exit(str(e), returncode=4)  # one line, and no test runs without the corpus
+
+
+@pytest.fixture(scope="session")
+def shakespeare_text(shakespeare_path) -> str:
+    return shakespeare_path.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def nanogpt_cache(tmp_path_factory, shakespeare_path) -> Path:
     """A data cache seeded with the verified corpus, so the default `tinyshakespeare` source works offline."""
     cache = tmp_path_factory.mktemp("nanogpt_cache")
     (cache / "tinyshakespeare").mkdir()
-    shutil.copyfile(SHAKESPEARE, cache / "tinyshakespeare" / "input.txt")
+    shutil.copyfile(shakespeare_path, cache / "tinyshakespeare" / "input.txt")
     return cache
 
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.conftest import REPO, SHAKESPEARE, TINY_CONFIG
+from tests.conftest import REPO, TINY_CONFIG
 
 pytestmark = pytest.mark.slow  # real training runs, Lightning and plain
 
@@ -132,12 +132,12 @@ def test_a_pause_less_its_parts_leaves_a_part_missing_at_some_validations_in(ben
     assert without([], [], []) == []
 
 
-def test_gpu_suite_runs_every_benchmark_and_collects_their_figures(benchmarks, capsys):
+def test_gpu_suite_runs_every_benchmark_and_collects_their_figures(benchmarks, capsys, shakespeare_path):
     # the CPU twin of the one command a lent GPU runs: the same scripts, tiny config, no compile
     import gpu_suite
 
     out = benchmarks / "gpu"
-    gpu_suite.main(["--smoke", "--out", str(out), "--corpus", str(SHAKESPEARE), "--budget-s", "400"])
+    gpu_suite.main(["--smoke", "--out", str(out), "--corpus", str(shakespeare_path), "--budget-s", "400"])
     last, printed = _last_json_line(capsys)
     assert json.loads((out / "results.json").read_text()) == last
     assert list(last) == ["lecture_ratio", "time_to_target", "gpt2_124m_mfu", "generate"]

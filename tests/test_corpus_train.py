@@ -1,4 +1,7 @@
-"""End-to-end: the real train.py on corpora of other kinds, fine-tuning with a reused vocabulary, and bad data."""
+"""End-to-end: the real train.py on corpora of other kinds and fine-tuning with a reused vocabulary.
+
+Bad data options are checked in this process, without training, in test_data_cli.py.
+"""
 
 import json
 
@@ -39,17 +42,3 @@ def test_train_on_jsonl_with_a_separate_validation_source_then_fine_tune_with_it
     tuned = torch.load(tmp_path / "ft" / "checkpoints" / "last.ckpt", weights_only=True)
     assert tuned["tokenizer"] == vocab and tuned["hyper_parameters"]["vocab_size"] == len(vocab["chars"])
     assert tuned["global_step"] == 12
-
-
-@pytest.mark.parametrize(
-    "args, fragments",
-    [
-        (["--data.source", "hf:nobody-xyz/no-such-dataset"], ["could not load the Hugging Face dataset", "Hub"]),
-        (["--data.oov", "ignore"], ["data.oov"]),
-    ],
-)
-def test_bad_data_options_are_one_line_errors(tmp_path, args, fragments):
-    # the other bad inputs (missing column, unknown vocab file, ...) are checked in-process in test_corpus.py
-    result = run_script("train.py", "--config", TINY_CONFIG, *args, "--trainer.default_root_dir", tmp_path / "r",
-                        cwd=tmp_path)
-    assert_user_error(result, *fragments)

@@ -1,74 +1,135 @@
-import hashlib
+"""The DataModule's loaders, the path training uses: pure batches, ranks that split the global batch, resume."""
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
 
-from nanogpt.data import (
-    TINYSHAKESPEARE_SHA256,
-    CharDataModule,
-    RandomBlocks,
-    download_tinyshakespeare,
-    read_corpus,
-    sample_batch,
-    val_block_starts,
-)
-from nanogpt.errors import NanoGPTError
-from tests.conftest import SHAKESPEARE
+from nanogpt.data import CharDataModule
+from nanogpt.module import GPTModule
+
+N_CHARS = 3000  # distinct characters in increasing code point order: token id == position in the corpus
+N_TRAIN = 2700  # val_fraction 0.1 holds out the last 300
 
 
 @pytest.fixture
-def tokens():
-    return np.arange(10_000, dtype=np.int64) % 251
+def positions_corpus(tmp_path):
+    """A corpus whose token ids are their own positions: a block's values say exactly where it was read."""
+    f = tmp_path / "positions.txt"
+    f.write_text("".join(chr(0x4E00 + i) for i in range(N_CHARS)), encoding="utf-8")
+    return f
 
 
-def test_batches_are_a_pure_function_of_seed_rank_step(tokens):
-    a = sample_batch(tokens, 32, 8, seed=1, rank=0, step=5)
-    b = sample_batch(tokens, 32, 8, seed=1, rank=0, step=5)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert a[0].shape == (8, 32) and a[0].dtype == torch.int64
-    # targets are the inputs shifted by one
-    assert torch.equal(a[0][:, 1:], a[1][:, :-1])
-    other_rank = sample_batch(tokens, 32, 8, seed=1, rank=1, step=5)
-    other_step = sample_batch(tokens, 32, 8, seed=1, rank=0, step=6)
-    other_seed = sample_batch(tokens, 32, 8, seed=2, rank=0, step=5)
-    for other in (other_rank, other_step, other_seed):
-        assert not torch.equal(a[0], other[0])
+def datamodule(corpus, tmp_path, rank=0, world=1, **kw):
+    """A set-up CharDataModule on one of `world` simulated ranks: a DDP Trainer (nothing launched) given the rank
+    through its cluster environment, where trainer.global_rank and trainer.world_size are read from."""
+    kw = {"block_size": 16, "batch_size": 12, "val_blocks": 30, "seed": 7, **kw}
+    dm = CharDataModule(source=str(corpus), cache_dir=str(tmp_path / "cache"), **kw)
+    trainer = L.Trainer(accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    if world > 1:
+        trainer.strategy.cluster_environment.set_world_size(world)
+        trainer.strategy.cluster_environment.set_global_rank(rank)
+    assert (trainer.global_rank, trainer.world_size) == (rank, world)
+    dm.trainer = trainer
+    dm.setup("fit")
+    return dm
 
 
-def test_stream_resumes_at_a_step(tokens):
-    it = iter(RandomBlocks(tokens, 16, 4, seed=3, rank=0, start_step=0))
-    first = [next(it) for _ in range(5)]
-    resumed = next(iter(RandomBlocks(tokens, 16, 4, seed=3, rank=0, start_step=3)))
-    assert torch.equal(first[3][0], resumed[0])
+def first_batches(dm, n):
+    it = iter(dm.train_dataloader())
+    return [next(it) for _ in range(n)]
 
 
-def test_blocks_stay_inside_the_split():
-    tokens = np.arange(40, dtype=np.int64)
-    for step in range(200):
-        x, y = sample_batch(tokens, 8, 16, seed=0, rank=0, step=step)
-        assert y.max().item() <= 39 and x.min().item() >= 0
+def test_the_train_loader_is_a_pure_function_of_seed_rank_and_step(positions_corpus, tmp_path):
+    dm = datamodule(positions_corpus, tmp_path)
+    assert np.array_equal(dm.train_tokens, np.arange(N_TRAIN))  # ids are positions
+    batches = first_batches(dm, 6)
+    again = first_batches(datamodule(positions_corpus, tmp_path), 6)  # a new module: the same sequence
+    for (x, y), (x2, y2) in zip(batches, again):
+        assert x.shape == y.shape == (12, 16) and x.dtype == y.dtype == torch.int64
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert not any(torch.equal(batches[0][0], x) for x, _ in batches[1:])  # each step draws new blocks
+    other_seed = first_batches(datamodule(positions_corpus, tmp_path, seed=8), 1)[0]
+    assert not torch.equal(batches[0][0], other_seed[0])
 
 
-def test_val_blocks_are_fixed_and_split_across_ranks_without_overlap():
-    starts = val_block_starts(5000, 64, 100)
-    assert len(starts) == 100 and starts.max() <= 5000 - 65
-    assert np.array_equal(starts, val_block_starts(5000, 64, 100))
-    parts = [starts[r::3] for r in range(3)]
-    assert sum(len(p) for p in parts) == len(starts)
-    assert len(np.intersect1d(parts[0], parts[1])) == 0
+def test_train_blocks_are_contiguous_inside_the_train_split_with_targets_shifted_by_one(positions_corpus, tmp_path):
+    dm = datamodule(positions_corpus, tmp_path, batch_size=64)
+    assert len(dm.train_tokens) == N_TRAIN
+    for x, y in first_batches(dm, 50):  # 3200 blocks: the ends of the split are reached
+        assert torch.equal(y, x + 1)  # targets are the next tokens (here: the next positions)
+        assert torch.equal(x[:, 1:], x[:, :-1] + 1)  # contiguous: no wrap-around, no gap
+        assert x.min() >= 0 and y.max() < N_TRAIN  # never a token of the validation split
+
+
+def test_three_ranks_split_the_global_batch_without_sharing_rows(positions_corpus, tmp_path):
+    steps = 5
+    whole = first_batches(datamodule(positions_corpus, tmp_path), steps)  # 1 rank: the global batch of 12
+    ranks = [first_batches(datamodule(positions_corpus, tmp_path, rank=r, world=3), steps) for r in range(3)]
+    for step in range(steps):
+        parts = [ranks[r][step][0] for r in range(3)]
+        assert all(p.shape == (4, 16) for p in parts)  # 12 sequences over 3 devices
+        # the ranks' rows, in rank order, are the one-device global batch: disjoint, and nothing left out
+        assert torch.equal(torch.cat(parts), whole[step][0])
+        assert not torch.equal(parts[0], parts[1]) and not torch.equal(parts[1], parts[2])
+
+
+def test_three_ranks_split_the_validation_blocks_without_overlap(positions_corpus, tmp_path):
+    def starts(dm):
+        return [int(s) for x, _ in dm.val_dataloader() for s in x[:, 0]]  # a block's first token is its start
+
+    one = starts(datamodule(positions_corpus, tmp_path))
+    assert len(one) == 30 and one == starts(datamodule(positions_corpus, tmp_path))  # fixed blocks
+    assert min(one) >= N_TRAIN and max(one) + 16 < N_CHARS  # inside the validation split
+    parts = [starts(datamodule(positions_corpus, tmp_path, rank=r, world=3)) for r in range(3)]
+    assert sorted(sum(parts, [])) == sorted(one) and all(parts)  # every block once, on exactly one rank
+
+
+class _Batches(L.Callback):
+    """Records each micro-batch training sees, with the optimizer step it belongs to."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append((trainer.global_step, batch[0].clone()))
+
+
+def _fit(dm, tmp_path, max_steps, ckpt_path=None):
+    model = GPTModule(vocab_size=dm.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
+    batches = _Batches()
+    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, callbacks=[batches])
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    return trainer, batches.seen
+
+
+def test_a_resumed_fit_continues_the_same_batch_sequence(positions_corpus, tmp_path):
+    def fresh():  # 2 micro-batches of 4 per optimizer step
+        return CharDataModule(source=str(positions_corpus), cache_dir=str(tmp_path / "cache"), block_size=16,
+                              batch_size=8, micro_batch_size=4, val_blocks=4, seed=3)
+
+    _, whole = _fit(fresh(), tmp_path / "whole", 4)
+    trainer, first = _fit(fresh(), tmp_path / "first", 2)
+    trainer.save_checkpoint(tmp_path / "step2.ckpt")
+    _, resumed = _fit(fresh(), tmp_path / "resumed", 4, ckpt_path=tmp_path / "step2.ckpt")
+    assert [s for s, _ in whole] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [s for s, _ in resumed] == [2, 2, 3, 3]
+    for (_, a), (_, b) in zip(first + resumed, whole):
+        assert torch.equal(a, b)
 
 
 def test_datamodule_does_no_work_in_init_and_setup_is_idempotent(tmp_path, shakespeare_text):
-    dm = CharDataModule(source=str(tmp_path / "missing.txt"))  # no error yet: nothing is read in __init__
+    CharDataModule(source=str(tmp_path / "missing.txt"))  # no error yet: nothing is read in __init__
     f = tmp_path / "corpus.txt"
     f.write_text(shakespeare_text[:20000], encoding="utf-8")
     dm = CharDataModule(source=str(f), block_size=32, batch_size=4, val_blocks=10, cache_dir=str(tmp_path / "c"))
-    assert dm._tokens is None
     dm.setup("fit")
-    tokens = dm._tokens
+    tokens = dm.train_tokens
     dm.setup("fit")
-    assert dm._tokens is tokens
+    assert dm.train_tokens.base is tokens.base  # the same memory map, not read again
     assert len(dm.train_tokens) == 18000 and len(dm.val_tokens) == 2000
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (4, 32)
@@ -77,52 +138,18 @@ def test_datamodule_does_no_work_in_init_and_setup_is_idempotent(tmp_path, shake
     assert all(torch.equal(a[0], b[0]) for a, b in zip(val, dm.val_dataloader()))
 
 
-def test_directory_of_txt_files(tmp_path):
-    d = tmp_path / "texts"
-    (d / "sub").mkdir(parents=True)
-    (d / "a.txt").write_text("first", encoding="utf-8")
-    (d / "sub" / "b.txt").write_text("second", encoding="utf-8")
-    (d / "ignored.md").write_text("nope", encoding="utf-8")
-    assert read_corpus(str(d)) == "first\n\nsecond"
-
-
 def test_default_source_reads_the_seeded_cache(nanogpt_cache):
-    assert read_corpus("tinyshakespeare").startswith("First Citizen:")
+    dm = CharDataModule(block_size=8)  # source tinyshakespeare, cache $NANOGPT_CACHE: no download
+    assert dm.tokenizer.decode(dm.train_tokens[:14]) == "First Citizen:" and dm.vocab_size == 65
 
 
-def test_download_verifies_and_caches(tmp_path, monkeypatch):
-    monkeypatch.setenv("NANOGPT_TINYSHAKESPEARE_URL", SHAKESPEARE.resolve().as_uri())  # a local file, no network
-    path = download_tinyshakespeare(str(tmp_path))
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == TINYSHAKESPEARE_SHA256
-    assert path == tmp_path / "tinyshakespeare" / "input.txt"
+def test_the_data_and_checkpoint_layers_import_nothing_above_them():
+    import subprocess
+    import sys
 
-
-def test_download_failure_says_how_to_use_a_local_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("NANOGPT_TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
-    with pytest.raises(NanoGPTError, match="--data.source PATH"):
-        download_tinyshakespeare(str(tmp_path))
-    assert not (tmp_path / "tinyshakespeare" / "input.txt").exists()
-
-
-def test_download_with_a_wrong_checksum_is_refused(tmp_path, monkeypatch):
-    bad = tmp_path / "bad.txt"
-    bad.write_text("not shakespeare", encoding="utf-8")
-    monkeypatch.setenv("NANOGPT_TINYSHAKESPEARE_URL", bad.as_uri())
-    with pytest.raises(NanoGPTError, match="sha256"):
-        download_tinyshakespeare(str(tmp_path / "cache"))
-
-
-@pytest.mark.parametrize(
-    "text, kw, fragment",
-    [
-        ("", {}, "empty"),
-        ("short", {"block_size": 8}, r"fewer than block_size\+1"),
-        ("x" * 200, {"block_size": 32, "val_fraction": 0.1}, "validation split"),
-    ],
-)
-def test_bad_data_is_reported(tmp_path, text, kw, fragment):
-    f = tmp_path / "t.txt"
-    f.write_text(text, encoding="utf-8")
-    dm = CharDataModule(source=str(f), cache_dir=str(tmp_path / "c"), **kw)
-    with pytest.raises(NanoGPTError, match=fragment):
-        dm.setup()
+    code = ("import sys, nanogpt.data, nanogpt.sources, nanogpt.token_cache, nanogpt.vocab, nanogpt.checkpoint; "
+            "print(sorted(m for m in sys.modules if m.startswith('nanogpt.')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for above in ("nanogpt.cli", "nanogpt.generate", "nanogpt.app", "nanogpt.export", "nanogpt.module"):
+        assert f"'{above}'" not in loaded, loaded
+    assert "'nanogpt.token_cache'" in loaded

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from nanogpt.generate import load_checkpoint, resolve_checkpoint, sample
+from nanogpt.checkpoint import resolve_checkpoint
+from nanogpt.generate import load_checkpoint, sample
 from tests.conftest import assert_user_error, run_script
 
 pytestmark = pytest.mark.slow  # needs a real training run

@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from nanogpt.data import CharDataModule, sample_batch, sample_rank_batch, tokens_fit_on_device, tokens_to_device
+from nanogpt.data import CharDataModule, sample_rank_batch, tokens_fit_on_device, tokens_to_device
 from nanogpt.fault import NonFiniteGuard
 from nanogpt.module import GPTModule
 from nanogpt.monitor import TrainingMonitor
@@ -20,8 +20,8 @@ def test_batches_gathered_from_a_device_tensor_equal_host_batches(dtype, vocab):
     on_device = tokens_to_device(tokens, torch.device("cpu"))  # the code path a GPU runs, on the CPU
     assert on_device.dtype == (torch.uint8 if dtype == np.uint8 else torch.int32)
     for step in (0, 1, 17):
-        hx, hy = sample_batch(tokens, 32, 8, seed=5, rank=1, step=step)
-        dx, dy = sample_batch(on_device, 32, 8, seed=5, rank=1, step=step)
+        hx, hy = sample_rank_batch(tokens, 32, 8, seed=5, rank=0, micro_step=step)
+        dx, dy = sample_rank_batch(on_device, 32, 8, seed=5, rank=0, micro_step=step)
         assert dx.dtype == torch.int64 and dx.shape == (8, 32)
         assert torch.equal(hx, dx) and torch.equal(hy, dy)
         hx, hy = sample_rank_batch(tokens, 32, 4, seed=5, rank=1, micro_step=step, world_size=2, accumulation=2)
