@@ -32,12 +32,13 @@ import torch
 import yaml
 from torch.nn import functional as F
 
-from nanogpt.corpus import CHUNK_CHARS, CorpusConfig, join_documents, open_source, rechunk
+from nanogpt.checkpoint import resolve_checkpoint
 from nanogpt.data import CharDataModule, val_block_starts
 from nanogpt.errors import NanoGPTError
-from nanogpt.generate import load_checkpoint, resolve_checkpoint
+from nanogpt.generate import load_checkpoint
 from nanogpt.model import GPT
 from nanogpt.pretrained import load_pretrained, resolve_pretrained
+from nanogpt.sources import CHUNK_CHARS, join_documents, open_source, rechunk
 from nanogpt.tokenizer import CharTokenizer, describe_chars
 
 
@@ -76,11 +77,14 @@ def load_model(spec: str, device: str = "cpu") -> tuple[GPT, Any]:
     return load_checkpoint(spec, device)
 
 
-def encode_source(source: str, tokenizer: Any, config: CorpusConfig, max_tokens: Optional[int] = None) -> np.ndarray:
-    """The source's text as token ids (its first max_tokens), read in chunks by the package's source readers."""
-    src = open_source(source, config, config.hf_split)
+def encode_source(source: str, tokenizer: Any, max_tokens: Optional[int] = None, separator: str = "\n\n",
+                  **reader: Any) -> np.ndarray:
+    """The source's text as token ids (its first max_tokens), read in chunks by the package's source readers
+    (reader: open_source's split, glob, text_column and hf_config) with separator between documents."""
+    src = open_source(source, **reader)
+    chunks = rechunk(join_documents(src.documents(lambda _: None, CHUNK_CHARS), separator))
     parts, n, unknown = [], 0, Counter()
-    for chunk in rechunk(join_documents(src.documents(lambda _: None, CHUNK_CHARS), config.separator)):
+    for chunk in chunks:
         if isinstance(tokenizer, CharTokenizer):
             ids, bad = tokenizer.encode_known(chunk, np.int64)
             unknown.update(bad)
@@ -240,9 +244,8 @@ def evaluate(args: argparse.Namespace, fabric: Any) -> Optional[dict[str, Any]]:
     if args.split is not None:
         tokens, windows = run_split_tokens(args.ckpt, args.split, block_size)
     else:
-        config = CorpusConfig(source=args.source, glob=args.glob, text_column=args.text_column,
-                              hf_config=args.hf_config, hf_split=args.hf_split, separator=args.separator)
-        tokens = encode_source(args.source, tokenizer, config, args.max_tokens)
+        tokens = encode_source(args.source, tokenizer, args.max_tokens, args.separator, split=args.hf_split,
+                               glob=args.glob, text_column=args.text_column, hf_config=args.hf_config)
         windows = sliding_windows(len(tokens), block_size, args.stride)
     sums = window_sums(model, tokens, windows, token_bytes(tokenizer), args.batch_size, fabric.global_rank,
                        fabric.world_size, fabric.autocast)
