@@ -39,6 +39,7 @@ from nanogpt.generate import load_checkpoint
 from nanogpt.model import GPT
 from nanogpt.pretrained import load_pretrained, resolve_pretrained
 from nanogpt.sources import CHUNK_CHARS, join_documents, open_source, rechunk
+from nanogpt.token_cache import token_dtype
 from nanogpt.tokenizer import CharTokenizer, describe_chars
 
 
@@ -83,13 +84,14 @@ def encode_source(source: str, tokenizer: Any, max_tokens: Optional[int] = None,
     (reader: open_source's split, glob, text_column and hf_config) with separator between documents."""
     src = open_source(source, **reader)
     chunks = rechunk(join_documents(src.documents(lambda _: None, CHUNK_CHARS), separator))
+    dtype = token_dtype(tokenizer.vocab_size)  # the narrowest that holds every id: a large text stays small
     parts, n, unknown = [], 0, Counter()
     for chunk in chunks:
         if isinstance(tokenizer, CharTokenizer):
-            ids, bad = tokenizer.encode_known(chunk, np.int64)
+            ids, bad = tokenizer.encode_known(chunk, dtype)
             unknown.update(bad)
         else:
-            ids = tokenizer.encode(chunk.decode("utf-8") if isinstance(chunk, bytes) else chunk)
+            ids = tokenizer.encode(chunk.decode("utf-8") if isinstance(chunk, bytes) else chunk).astype(dtype)
         if unknown:
             continue  # read on only to list every unknown character
         parts.append(ids)
@@ -99,7 +101,7 @@ def encode_source(source: str, tokenizer: Any, max_tokens: Optional[int] = None,
     if unknown:
         raise NanoGPTError(f"{source} has characters outside the model's vocabulary: {describe_chars(unknown)}; "
                            "remove them from the text (a character model knows only its training characters)")
-    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
     return tokens[:max_tokens] if max_tokens is not None else tokens
 
 
