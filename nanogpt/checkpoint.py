@@ -7,6 +7,7 @@ torch.load(weights_only=True): plain tensors and data only, never a class or fun
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from nanogpt.errors import NanoGPTError
+from nanogpt.errors import NanoGPTError, StorageError
 
 # Fields of GPTModule that fix the shapes of the weights: a resumed run must match them exactly.
 SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "activation")
@@ -274,13 +275,90 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
+# What a failed write into the run dir can say about the storage, and what the user does about it.
+_NO_SPACE = "free some space (or move the run dir to a larger disk)"
+STORAGE_FIXES = {
+    errno.ENOSPC: _NO_SPACE,
+    errno.EDQUOT: _NO_SPACE,
+    errno.EFBIG: "raise the file size limit (ulimit -f) or move the run dir to a filesystem that takes larger files",
+    errno.EROFS: "make the run dir writable (or move it)",
+    errno.EACCES: "make the run dir writable (or move it)",
+    errno.EPERM: "make the run dir writable (or move it)",
+    errno.ENOENT: "restore or remount the run dir (it was deleted, moved or unmounted while the run wrote to it)",
+    errno.ESTALE: "remount the run dir (its network filesystem dropped it)",
+    errno.ENOTDIR: "restore the run dir (part of its path was replaced while the run wrote to it)",
+}
+
+
+def storage_failure(exc: BaseException) -> Optional[OSError]:
+    """The OSError of a failed write to storage in exc or what caused it (torch.save wraps it in a RuntimeError,
+    loggers in a ValueError), or None when exc is something else."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in STORAGE_FIXES:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _tensor_bytes(obj: Any, seen: set[int]) -> int:
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        if storage.data_ptr() in seen:  # tied weights share one storage, written once
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    return 0
+
+
+def storage_error(error: OSError, target: Union[str, Path, None], ckpt_dir: Union[str, Path, None],
+                  size: Optional[int] = None) -> StorageError:
+    """The one-line error for a failed write: what failed, the newest intact checkpoint in ckpt_dir, what to do."""
+    what = f"could not write {os.fsdecode(target)}" if target else "could not write to the run dir"
+    if size:
+        what += f" (it needs about {size / 1e6:.1f} MB)"
+    what += f": {error.strerror or error}"
+    safe, then = "", "rerun with --ckpt_path last"
+    if ckpt_dir is not None:
+        try:
+            newest = pick_resume_checkpoint(ckpt_dir, log=lambda message: None)
+            safe = f"; {newest} (step {read_checkpoint(newest, mmap=True)['global_step']}) is intact"
+        except NanoGPTError:
+            safe, then = f"; no complete checkpoint is in {ckpt_dir}", "start the run again"
+    return StorageError(f"{what}{safe}. To continue, {STORAGE_FIXES[error.errno]}, then {then}")
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint IO, writing atomically in the target's own directory and reading safely."""
+    """Lightning's checkpoint IO, writing atomically in the target's own directory and reading safely.
+
+    A write that fails for lack of space, a file size limit, a read-only or vanished run dir is a StorageError
+    naming the file, its size and the newest intact checkpoint; its temp file is gone, the older files untouched.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._written_dirs: set[Path] = set()  # dirs this run saved into: never silently created again
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
-        atomic_save(checkpoint, path)
+        path = Path(path)
+        try:
+            if path.parent in self._written_dirs and not path.parent.is_dir():
+                # deleted or unmounted under the run: recreating it would scatter the run over two places
+                raise FileNotFoundError(errno.ENOENT, "the directory is gone", str(path.parent))
+            atomic_save(checkpoint, path)
+        except Exception as e:
+            failure = storage_failure(e)
+            if failure is None:
+                raise
+            raise storage_error(failure, path, path.parent, _tensor_bytes(checkpoint, set())) from None
+        self._written_dirs.add(path.parent)
 
     def load_checkpoint(self, path: Any, map_location: Optional[Any] = None, weights_only: Optional[bool] = None):
         return read_checkpoint(path, map_location=map_location or "cpu")

@@ -8,10 +8,14 @@ checkpoints in RUN/checkpoints (last.ckpt, best.ckpt), TensorBoard events and th
 
 from __future__ import annotations
 
+import logging
+import signal
 import sys
+import threading
 import warnings
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import torch
 from jsonargparse import ActionYesNo, ArgumentError
@@ -22,13 +26,20 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from nanogpt.callbacks import RunCheckpoint, skip_empty_step_hooks
-from nanogpt.checkpoint import AtomicCheckpointIO, pick_resume_checkpoint, read_checkpoint
+from nanogpt.checkpoint import (
+    AtomicCheckpointIO,
+    pick_resume_checkpoint,
+    read_checkpoint,
+    storage_error,
+    storage_failure,
+)
 from nanogpt.data import CharDataModule
 from nanogpt.distributed import apply_ddp_defaults
 from nanogpt.errors import NanoGPTError
 from nanogpt.fault import FaultTolerance, TrainingInterrupted
 from nanogpt.module import GPTModule
 from nanogpt.monitor import LogLines, NoProfiler, RunCSVLogger, RunTensorBoardLogger, StepProgressBar, TrainingMonitor
+from nanogpt.runlock import RunLock, is_global_rank_zero
 
 # Trainer settings that suit step-based GPT training; a config file or flag overrides each.
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -76,9 +87,14 @@ def default_precision() -> str:
 
 
 class GPTLightningCLI(LightningCLI):
-    """LightningCLI for GPTModule and CharDataModule, with a run dir, resume and sensible defaults."""
+    """LightningCLI for GPTModule and CharDataModule, with a run dir, resume and sensible defaults.
 
-    def __init__(self, args: Optional[list[str]] = None) -> None:
+    run_dir_lock: where the run dir's lock (nanogpt/runlock.py) is held until the run ends; main() passes an
+    ExitStack it closes on every exit. None (a CLI built in process, as tests do) takes no lock.
+    """
+
+    def __init__(self, args: Optional[list[str]] = None, run_dir_lock: Optional[ExitStack] = None) -> None:
+        self.run_dir_lock = run_dir_lock
         self.ckpt_path: Optional[str] = None
         self.resume_step = 0  # the step the run continues from (0 for a new run)
         super().__init__(
@@ -138,6 +154,10 @@ class GPTLightningCLI(LightningCLI):
             trainer.default_root_dir = str(run_dir_for(config.get("config") or []))
         if trainer.precision is None:
             trainer.precision = default_precision()
+        if self.run_dir_lock is not None and is_global_rank_zero():
+            # before anything looks at or writes into the run dir (checkpoint checks, config.yaml, events): a second
+            # start while this run is live stops here, having touched nothing
+            self.run_dir_lock.enter_context(RunLock(trainer.default_root_dir))
         self.ckpt_path = resolve_ckpt_path(config.ckpt_path, Path(trainer.default_root_dir))
         if self.ckpt_path is not None:
             self.resume_step = int(read_checkpoint(self.ckpt_path, mmap=True)["global_step"])
@@ -204,22 +224,92 @@ class GPTLightningCLI(LightningCLI):
         return trainer
 
 
+class _NoAdvertisements(logging.Filter):
+    """Drops Lightning's start-up tips for its cloud products (litlogger, litmodels): the console shows the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "\N{ELECTRIC LIGHT BULB} Tip:" not in record.getMessage()
+
+
+def silence_lightning_tips() -> None:
+    # Lightning prints them with rank_zero_info on this logger, with no setting to turn them off
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoAdvertisements) for f in logger.filters):
+        logger.addFilter(_NoAdvertisements())
+
+
+@contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """SIGTERM before training starts (or after it ends) exits through Python, so the run dir's lock is released;
+    while training runs, FaultTolerance's handler takes its place and checkpoints first."""
+
+    def stop(signum: int, frame: Any) -> None:
+        print(f"stopped: {signal.Signals(signum).name} received outside the training loop", file=sys.stderr)
+        sys.exit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _storage_failures_reported_once() -> Iterator[None]:
+    """A write that fails for lack of space or access in a background thread (TensorBoard's event writer) is
+    raised again in the main thread at its next write, and reported there in one line: the thread stays quiet."""
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_value is None or storage_failure(args.exc_value) is None:
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+
+
 def main(args: Optional[list[str]] = None) -> None:
     """Entry point of train.py and nanogpt-train."""
     # Lightning warnings that do not apply: our IterableDatasets run in the main process (num_workers=0), so their
     # __len__ is exact, and the LeafSpec deprecation is Lightning's own use of a torch API
     warnings.filterwarnings("ignore", message=r".*IterableDataset. has .__len__. defined.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    silence_lightning_tips()
+    if hasattr(signal, "SIGXFSZ"):
+        # a file size limit (ulimit -f) then fails the write with EFBIG, reported below, instead of killing the run
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    cli: Optional[GPTLightningCLI] = None
     try:
-        cli = GPTLightningCLI(args)
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path)
+        # the run dir's lock is released as this block ends, however it ends (a return, an error, a signal)
+        with _sigterm_exits(), ExitStack() as run_dir_lock, _storage_failures_reported_once():
+            cli = GPTLightningCLI(args, run_dir_lock=run_dir_lock)
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path)
     except TrainingInterrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except NanoGPTError as e:
+    except NanoGPTError as e:  # StorageError (exit 3) included: checkpoint writes report their own failures
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.exit_code)
     except ArgumentError as e:
         message = " ".join(str(e).split())  # jsonargparse's messages can span lines
         print(f"error: {message} (see train.py --help for the accepted options)", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C outside training (Lightning handles it inside)
+        print("stopped: interrupted (Ctrl-C) outside training", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        # any other write into the run dir that failed for lack of space or access (TensorBoard events, config.yaml)
+        failure = storage_failure(e)
+        if failure is None:
+            raise
+        run_dir = Path(cli.trainer.default_root_dir) if cli is not None else None
+        error = storage_error(failure, failure.filename, run_dir / "checkpoints" if run_dir else None)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)

@@ -1,11 +1,21 @@
-"""The one exception type for mistakes a user can make: bad input, config, data or checkpoint."""
+"""The exception types for mistakes a user can make (bad input, config, data or checkpoint) and for a run dir that
+cannot be written (disk full, read-only, gone)."""
 
 
 class NanoGPTError(Exception):
     """A user-facing error: its message is one line that says what was wrong, where and how to fix it.
 
-    Entry points print it as ``error: <message>`` and exit non-zero, without a traceback.
+    Entry points print it as ``error: <message>`` and exit with exit_code, without a traceback.
     """
+
+    exit_code = 2
+
+
+class StorageError(NanoGPTError):
+    """Writing to the run dir failed (no space, a file size limit, read-only, the dir gone): what failed, what is
+    safe and what to do, in one line. Exit code 3, so job scripts can tell it from a mistake in the command."""
+
+    exit_code = 3
 
 
 def first_line(e: BaseException) -> str:
