@@ -1,7 +1,7 @@
 """Checkpoint cost: time to save and load a checkpoint of the lecture model, and the wall-time overhead of a run
 that is interrupted (SIGTERM) and resumed over a straight run.
 
-    python benchmarks/checkpoint.py [--repeats 5] [--resume_steps 200] [--skip_resume]
+    python benchmarks/checkpoint.py [--repeats 5] [--resume_steps 200] [--skip_resume] [--workdir DIR]
 
 Save/load: a full training checkpoint of configs/shakespeare_char.yaml's model (weights, AdamW state, RNG
 states), written with AtomicCheckpointIO (temp file, fsync, rename) and with plain torch.save for comparison,
@@ -25,11 +25,10 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from nanogpt.checkpoint import AtomicCheckpointIO, capture_rng_state, check_resumable, read_checkpoint
+from nanogpt.model import GPT, GPTConfig
 
-from nanogpt.checkpoint import AtomicCheckpointIO, capture_rng_state, check_resumable, read_checkpoint  # noqa: E402
-from nanogpt.model import GPT, GPTConfig  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def lecture_checkpoint() -> dict:
@@ -78,8 +77,10 @@ def time_save_load(directory: Path, repeats: int) -> dict:
 
 
 def train(run: Path, steps: int, resume: bool = False, stop_at: int | None = None) -> float:
+    # a checkpoint every steps // 2 steps: the interrupted run's SIGTERM waits for the one at its half-way step
     cmd = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny.yaml"),
-           "--trainer.max_steps", str(steps), "--trainer.default_root_dir", str(run), "--checkpoint.every_n_steps", "50"]
+           "--trainer.max_steps", str(steps), "--trainer.default_root_dir", str(run),
+           "--checkpoint.every_n_steps", str(max(1, steps // 2))]
     if resume:
         cmd += ["--ckpt_path", "last"]
     t = time.perf_counter()
@@ -108,14 +109,16 @@ def time_resume(directory: Path, steps: int) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--resume_steps", type=int, default=200)
     p.add_argument("--skip_resume", action="store_true")
-    args = p.parse_args()
+    p.add_argument("--workdir", default=str(REPO / "benchmarks"),
+                   help="where the checkpoints and runs are written (a temporary folder inside it, deleted after)")
+    args = p.parse_args(argv)
     torch.manual_seed(0)
-    directory = Path(tempfile.mkdtemp(dir=REPO / "benchmarks", prefix=".ckpt_bench_"))  # the disk runs write to
+    directory = Path(tempfile.mkdtemp(dir=args.workdir, prefix=".ckpt_bench_"))  # the disk runs write to
     try:
         result = {"torch": torch.__version__, **time_save_load(directory, args.repeats)}
         if not args.skip_resume:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -22,9 +23,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parents[1]
 # about the characters of English prose, newlines included
 ALPHABET = np.frombuffer(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?'-\n", dtype=np.uint8)
 
@@ -73,13 +76,15 @@ def child(task: str, source: str, cache: str, steps: int) -> dict:
 def run_child(task: str, source: Path, cache: Path, steps: int) -> dict:
     cmd = [sys.executable, __file__, "--child", task, "--source", str(source), "--cache", str(cache),
            "--steps", str(steps)]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    # the child imports nanogpt from this checkout, installed or not
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if result.returncode != 0:
         raise SystemExit(f"{task} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes_mb", type=int, nargs="+", default=[100, 2048])
     p.add_argument("--steps", type=int, default=5)
@@ -87,7 +92,7 @@ def main() -> None:
     p.add_argument("--child", choices=["encode", "hit", "train"], help=argparse.SUPPRESS)
     p.add_argument("--source", help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, args.source, args.cache, args.steps)))
         return

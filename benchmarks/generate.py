@@ -15,6 +15,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import yaml
@@ -51,7 +52,7 @@ def tokens_per_s(model: GPT, batch: int, new_tokens: int, use_cache: bool, devic
     return batch * new_tokens / (time.perf_counter() - start)
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", nargs="+", default=["cpu", "lecture"], choices=list(CONFIGS))
     p.add_argument("--batch_sizes", nargs="+", type=int, default=[1, 8])
@@ -60,7 +61,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--compile", action="store_true",
                    help="also time a torch.compile'd forward (the cached decode step has static shapes)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     results = []

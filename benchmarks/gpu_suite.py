@@ -1,18 +1,32 @@
-"""Every GPU figure of the training-speed issue in one run on one GPU, within a time budget.
+"""The GPU figures in one command, on one GPU, within a time budget.
 
     python benchmarks/gpu_suite.py --out DIR [--budget-s 540] [--corpus tinyshakespeare.txt] [--only NAME ...]
     python benchmarks/gpu_suite.py --smoke --out DIR    # the same plumbing on a CPU with the tiny config (tests)
 
-A lent GPU comes with a few minutes, so the figures are taken in one prepared command (benchmarks/device_prep.sh
-readies it), most important first:
-  lecture_ratio  the lecture config, bf16 + compile: ours / plain tokens/s (target >= 0.97)
-  time_to_target the lecture config, bf16 + compile, to val/loss 1.47 (target <= 60 s of training); its
-                 validation share of wall time (target < 10%)
-  gpt2_124m_mfu  the GPT-2-124M-shaped config: MFU against the GPU's bf16 peak (target >= 45% on an H100)
-  generate       lecture-config sampling, KV cache against none, and the compiled cached decode step
+Most important first:
+  lecture_ratio  configs/shakespeare_char.yaml, bf16 + compile: ours / plain tokens/s (throughput.py)
+  time_to_target the same config to val/loss 1.47: seconds of training, and validation's share of wall time
+                 (timed_run.py)
+  gpt2_124m_mfu  configs/gpt2_124m_char.yaml: MFU against the GPU's dense bf16 peak (throughput.py)
+  generate       lecture-config sampling, KV cache against none, and the compiled cached decode step (generate.py)
 Each runs as its own process (a crash or out-of-memory in one leaves the rest), with its own share of what is
 left of the budget as its timeout. DIR gets <name>.log (the whole output) and results.json (each benchmark's last
 JSON line, or why it has none); the last line printed is the same JSON.
+
+On a GPU machine with a network: `pip install -e .`, then the first command above (the corpus downloads itself).
+On one without a network that has torch, lightning, torchmetrics and tensorboard but not jsonargparse (the CLI's
+parser) nor the corpus, first fill .whl/ (git-ignored) on a machine with a network, from the repo root:
+
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+      "jsonargparse==4.53.0" "typeshed_client==2.15.0" "docstring_parser==0.18.0"
+    cp path/to/tinyshakespeare.txt .whl/input.txt    # the corpus, which the suite seeds a fresh data cache with
+
+(set --python-version to the GPU machine's Python), then carry .whl/ along and run there, in the repo root
+(about 9 minutes with the default budget):
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .whl/*.whl && PYTHONPATH=/tmp/site:$PWD python3 benchmarks/gpu_suite.py --out DIR --corpus .whl/input.txt
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import contextlib
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Optional, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ class PlainResult:
     cpu_seconds: float  # this process's CPU time over them
     tokens_per_s: float
     final_loss: float
-    step_ends: list[float]  # wall time at the start of the timed steps and at the end of each (timing.step_windows)
+    step_ends: list[float]  # wall time at the start of the timed steps and at the end of each (timed_run.step_windows)
 
 
 def _sync(device: torch.device) -> None:
@@ -78,8 +78,7 @@ class PlainLoop:
     """The loop itself: building it makes the model, optimizer and schedule; step() runs one optimizer step.
 
     An object rather than one function, so throughput.py --interleave can run it in short stretches between our
-    Lightning steps. mark(phase), when given, is called as each step's batch is ready and its forward and backward
-    passes end (step_phases.py times the phases with it).
+    Lightning steps.
     """
 
     def __init__(
@@ -87,9 +86,8 @@ class PlainLoop:
         s: PlainSettings,
         tokens: Union[np.ndarray, torch.Tensor],
         device: torch.device,
-        mark: Optional[Callable[[str], None]] = None,
     ) -> None:
-        self.s, self.tokens, self.device, self.mark = s, tokens, device, mark
+        self.s, self.tokens, self.device = s, tokens, device
         torch.manual_seed(s.seed)
         model = GPT(s.config).to(device)
         model.train()
@@ -107,18 +105,12 @@ class PlainLoop:
 
     def step(self) -> torch.Tensor:
         """One optimizer step; returns its loss."""
-        s, device, mark = self.s, self.device, self.mark
+        s, device = self.s, self.device
         x, y = sample_rank_batch(self.tokens, s.config.block_size, s.batch_size, s.data_seed, 0, self.steps_done)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # no-ops when gathered there
-        if mark is not None:
-            mark("batch")
         with self.autocast():
             _, loss = self.forward(x, y)
-        if mark is not None:
-            mark("forward")
         loss.backward()
-        if mark is not None:
-            mark("backward")
         if s.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip, foreach=True)
         self.optimizer.step()
@@ -134,12 +126,8 @@ def train_plain(
     device: torch.device,
     steps: int,
     warmup: int,
-    on_step: Optional[Callable[[int], None]] = None,
 ) -> PlainResult:
-    """Trains for warmup + steps steps and times the last `steps` (warm-up and compilation excluded).
-
-    on_step(step), when given, is called before each step and once after the last (step_calls.py counts with it).
-    """
+    """Trains for warmup + steps steps and times the last `steps` (warm-up and compilation excluded)."""
     loop = PlainLoop(s, tokens, device)
     t0, cpu0 = time.perf_counter(), time.process_time()
     step_ends: list[float] = []
@@ -148,13 +136,9 @@ def train_plain(
             _sync(device)
             t0, cpu0 = time.perf_counter(), time.process_time()
             step_ends.append(t0)
-        if on_step is not None:
-            on_step(step)
         loss = loop.step()
         if step >= warmup:
             step_ends.append(time.perf_counter())
-    if on_step is not None:
-        on_step(warmup + steps)
     _sync(device)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     tokens_per_s = steps * s.batch_size * s.config.block_size / seconds

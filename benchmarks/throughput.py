@@ -36,7 +36,7 @@ from nanogpt.cli import GPTLightningCLI
 from nanogpt.data import tokens_to_device
 from nanogpt.errors import NanoGPTError
 from plain_loop import PlainLoop, PlainSettings, train_plain
-from timing import RunTimer, quiet_lightning, step_windows, sync_device
+from timed_run import RunTimer, quiet_lightning, step_windows, sync_device
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Run:
     cpu_seconds: float  # process CPU time: with --threads 1 it hardly moves when other jobs share the machine
     tokens_per_s: float
     final_loss: float
-    # tokens/s over the median window of log_every_n_steps steps (timing.step_windows); None: a run of fewer steps
+    # tokens/s over the median window of log_every_n_steps steps (timed_run.step_windows); None: a run of fewer steps
     window_tokens_per_s: Optional[float] = None
 
 
@@ -88,7 +88,7 @@ def build_cli(args: argparse.Namespace, config_args: list[str], run_dir: str) ->
 
 def tokens_per_step(cli: GPTLightningCLI) -> int:
     """Tokens in one optimizer step, after fit: data.batch_size is already the global batch, so from the batch plan
-    (as the monitor and ddp_overhead.py count it), not batch_size x accumulation."""
+    (as the monitor counts it), not batch_size x accumulation."""
     return cli.datamodule.batch_plan.global_batch * cli.model.config.block_size
 
 
@@ -177,7 +177,7 @@ class Interleave(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        if trainer.fit_loop._should_accumulate() or step < self.warmup or (step - self.warmup) % self.every:
+        if step < self.warmup or (step - self.warmup) % self.every:
             return
         sync_device(pl_module)
         ours_end = (time.perf_counter(), time.process_time())
