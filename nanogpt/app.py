@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any, Iterator, Optional
 
-from nanogpt.errors import NanoGPTError
+from nanogpt.errors import ArgumentParser, NanoGPTError
 from nanogpt.generate import load_checkpoint, pick_device, stream
 from nanogpt.model import GPT
 from nanogpt.tokenizer import CharTokenizer
@@ -71,7 +71,7 @@ def build_demo(model: GPT, tokenizer: CharTokenizer, max_length: int = 2000, tit
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="app.py", description="Web demo: generate text from a nanogpt checkpoint.")
+    p = ArgumentParser(prog="app.py", description="Web demo: generate text from a nanogpt checkpoint.")
     p.add_argument("--ckpt", default="out/shakespeare_char",
                    help="a checkpoint file, or a run dir (its best, else last, checkpoint)")
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),

@@ -314,4 +314,6 @@ class CharDataModule(L.LightningDataModule):
         starts = val_block_starts(len(self.val_tokens), self.block_size, self.val_blocks)
         # each rank takes every world-th block: no overlap, no padding, so reduced metrics match one process
         ds = FixedBlocks(self.val_tokens, starts[rank::world], self.block_size, self.micro_batch)
-        return DataLoader(ds, batch_size=None)
+        # its own generator: each validation's iterator draws a base seed from it, not from the global RNG that
+        # dropout uses, so validating never shifts the training's random stream
+        return DataLoader(ds, batch_size=None, generator=torch.Generator())

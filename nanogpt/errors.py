@@ -1,5 +1,10 @@
 """The exception types for mistakes a user can make (bad input, config, data or checkpoint) and for a run dir that
-cannot be written (disk full, read-only, gone)."""
+cannot be written (disk full, read-only, gone); and the argument parser of the entry points that report a bad flag
+the same way."""
+
+import argparse
+import sys
+from typing import NoReturn
 
 
 class NanoGPTError(Exception):
@@ -22,3 +27,11 @@ def first_line(e: BaseException) -> str:
     """The first line of an exception's message (or its type's name): libraries' messages can span many lines."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage mistakes (an unknown flag, a bad choice) are one ``error: ...`` line, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)

@@ -11,7 +11,6 @@ so ours (out, in) are transposed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -22,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from nanogpt.errors import NanoGPTError
+from nanogpt.errors import ArgumentParser, NanoGPTError
 from nanogpt.generate import load_checkpoint
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.pretrained import ACTIVATIONS_TO_GPT2, to_gpt2_state_dict
@@ -155,7 +154,7 @@ def export(ckpt: str, out: str, overwrite: bool = False) -> Path:
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of nanogpt-export."""
-    p = argparse.ArgumentParser(prog="nanogpt-export", description="Export a nanogpt checkpoint as a Hugging Face "
+    p = ArgumentParser(prog="nanogpt-export", description="Export a nanogpt checkpoint as a Hugging Face "
                                 "GPT-2 folder (config.json, model.safetensors, vocabulary).")
     p.add_argument("--ckpt", required=True, help="a checkpoint file, or a run dir (its best, else last, checkpoint)")
     p.add_argument("--out", required=True, help="the directory to write")

@@ -15,7 +15,7 @@ from typing import Iterator, Optional
 import torch
 
 from nanogpt.checkpoint import resolve_checkpoint, safe_load
-from nanogpt.errors import NanoGPTError
+from nanogpt.errors import ArgumentParser, NanoGPTError
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.tokenizer import CharTokenizer, describe_chars
 
@@ -187,7 +187,7 @@ def unescape(text: str, flag: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sample.py", description="Generate text from a trained nanogpt checkpoint.")
+    p = ArgumentParser(prog="sample.py", description="Generate text from a trained nanogpt checkpoint.")
     p.add_argument("--ckpt", required=True, help="a checkpoint file, or a run dir (its best, else last, checkpoint)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--prompt", default=None, help="text to continue (default: a newline)")

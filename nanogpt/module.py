@@ -47,6 +47,20 @@ def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_ratio: flo
     return min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_ratio)
 
 
+class ScheduleLR(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR whose schedule, not the checkpoint's optimizer state, sets the learning rate of the step a run resumes at.
+
+    The optimizer state restores the LR the checkpoint's schedule gave that step; a resumed run's schedule may differ
+    (decay_steps unset and a larger max_steps re-stretch the cosine; a new min_lr or warmup_steps), and without this
+    its first step would still train at the old value. With an unchanged schedule the value is the same.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        for group, base_lr, fn in zip(self.optimizer.param_groups, self.base_lrs, self.lr_lambdas):
+            group["lr"] = base_lr * fn(self.last_epoch)  # LambdaLR's own formula for the step at last_epoch
+
+
 class GPTModule(L.LightningModule):
     """Trains a character-level GPT.
 
@@ -204,7 +218,7 @@ class GPTModule(L.LightningModule):
             decay_steps=decay_steps,
             min_ratio=hp.min_lr / hp.learning_rate,
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = ScheduleLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(

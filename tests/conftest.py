@@ -150,3 +150,28 @@ def random_checkpoint(tmp_path_factory, shakespeare_text) -> Path:
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
                 "hyper_parameters": config.to_dict(), "tokenizer": tokenizer.to_dict()}, path)
     return path
+
+
+def run_train(capsys, *argv) -> SimpleNamespace:
+    """train.py's main(argv) in this process, as run_main (capsys None: output not captured, stdout/stderr empty).
+
+    A real LightningCLI run without an interpreter start-up; Lightning's seed_everything writes PL_GLOBAL_SEED
+    into os.environ, which is put back (as is sys.argv) so later runs in this process start from the same environment.
+    """
+    from nanogpt.cli import main
+
+    env, argv0 = dict(os.environ), sys.argv
+    sys.argv = ["train.py"]  # LightningCLI warns when it gets args beside a command line (pytest's)
+    try:
+        if capsys is not None:
+            return run_main(main, capsys, *argv)
+        try:
+            main([str(a) for a in argv])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        return SimpleNamespace(returncode=code, stdout="", stderr="")
+    finally:
+        sys.argv = argv0
+        os.environ.clear()
+        os.environ.update(env)

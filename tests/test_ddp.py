@@ -243,6 +243,23 @@ def test_ddp_run_resumes_where_it_stopped(ddp_work, single_run, nanogpt_cache):
     assert _max_weight_diff(state, _state(single_run)) < 1e-3
 
 
+def test_a_ddp_run_resumes_on_another_device_count(ddp_run, single_run, nanogpt_cache, tmp_path):
+    # the global batch of a step does not depend on the device count: 20 steps on 2 processes (micro-batches of
+    # 4, 2 accumulation steps), resumed on 1 process (16 in one micro-step) to 30, train like 30 steps on 1 process
+    run = tmp_path / "run"
+    shutil.copytree(ddp_run[0], run)
+    result = _train(run, "--trainer.max_steps", "30", "--ckpt_path", "last", cwd=tmp_path, cache=nanogpt_cache)
+    assert "RNG states for 2 processes" in result.stderr  # said, since dropout masks would differ (tiny: dropout 0)
+    state = _state(run)
+    assert state["global_step"] == 30
+    scalars, one = read_scalars(run), read_scalars(single_run)
+    assert [s for s, _ in scalars["train/loss"]] == list(range(30))  # continues at step 20, no step twice
+    for (s, v), (s1, v1) in zip(scalars["train/loss"][20:], one["train/loss"][20:30]):
+        assert s == s1 and v == pytest.approx(v1, abs=1e-4)
+    assert scalars["val/loss"][-1] == (29, pytest.approx(one["val/loss"][-1][1], abs=1e-4))
+    assert _max_weight_diff(state, _state(single_run)) < 1e-3
+
+
 def _children(pid: int) -> list[int]:
     try:
         return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]

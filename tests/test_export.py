@@ -77,16 +77,40 @@ def nanogpt_export(*args, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(exe), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-def test_cli_writes_the_folder_and_refuses_to_clobber(random_checkpoint, tmp_path, capsys):
+def test_cli_writes_the_folder_and_refuses_to_clobber(random_checkpoint, shakespeare_text, tmp_path, capsys):
     result = nanogpt_export("--ckpt", random_checkpoint, "--out", tmp_path / "hf", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "hf" / "model.safetensors").is_file()
     before = (tmp_path / "hf" / "model.safetensors").read_bytes()
-    again = run_main(main, capsys, "--ckpt", random_checkpoint, "--out", tmp_path / "hf")
+    tok = CharTokenizer.from_text(shakespeare_text)
+    torch.manual_seed(1)  # another model of the same shape: its export must replace the first one's
+    other = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=64, dropout=0.0))
+    write_checkpoint(other, tok, tmp_path / "other.ckpt")
+    again = run_main(main, capsys, "--ckpt", tmp_path / "other.ckpt", "--out", tmp_path / "hf")
     assert_user_error(again, "already holds files", "--overwrite")
     assert (tmp_path / "hf" / "model.safetensors").read_bytes() == before
-    assert run_main(main, capsys, "--ckpt", random_checkpoint, "--out", tmp_path / "hf", "--overwrite").returncode == 0
+    replaced = run_main(main, capsys, "--ckpt", tmp_path / "other.ckpt", "--out", tmp_path / "hf", "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    idx = torch.as_tensor(tok.encode(shakespeare_text[:32]))[None]
+    assert (hf_logits(tmp_path / "hf", idx) - other.eval()(idx)[0]).abs().max().item() < 1e-4  # the new model
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf.")]  # no temporary folder left behind
+
+
+def test_the_tied_lm_head_is_stored_once(random_checkpoint, tmp_path):
+    from safetensors import safe_open
+
+    out = export(str(random_checkpoint), str(tmp_path / "hf"))
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        names = set(f.keys())
+        tensors = {name: f.get_tensor(name) for name in names}
+    assert "transformer.wte.weight" in names and not any(name.startswith("lm_head") for name in names)
+    # the file holds each tensor once: its size is the tensors' bytes plus a header
+    payload = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert payload < (out / "model.safetensors").stat().st_size < payload + 64 * 1024
+    model, _ = load_checkpoint(str(random_checkpoint))
+    assert torch.equal(tensors["transformer.wte.weight"], model.lm_head.weight)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out)
+    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()  # tied again on load
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys):

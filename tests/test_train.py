@@ -54,10 +54,18 @@ def test_default_run_dir_is_named_after_the_config(tmp_path):
     assert (tmp_path / "out" / "tiny" / "checkpoints" / "last.ckpt").is_file()
 
 
-def test_print_config_shows_the_linked_values(tmp_path):
-    result = run_script("train.py", "--config", TINY_CONFIG, "--print_config", cwd=tmp_path)
+def test_model_block_size_is_linked_to_the_data(tmp_path):
+    # a block size other than the config's: the printed config and the data's blocks follow the model's value
+    result = run_script("train.py", "--config", TINY_CONFIG, "--model.block_size", "48", "--print_config", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "n_layer: 2" in result.stdout and "block_size: 32" in result.stdout
+    assert "block_size: 48" in result.stdout and "block_size: 32" not in result.stdout
+    run = tmp_path / "run"
+    result = run_script("train.py", "--config", TINY_CONFIG, "--model.block_size", "48", "--trainer.max_steps", "2",
+                        "--trainer.default_root_dir", run, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["hyper_parameters"]["block_size"] == 48
+    assert ckpt["callbacks"]["TrainingMonitor"]["tokens_seen"] == 2 * 16 * 48  # 2 steps of 16 blocks of 48
 
 
 def _sha(path):
@@ -74,23 +82,15 @@ def test_a_new_run_never_overwrites_a_run_dirs_checkpoints(trained_run, tmp_path
 @pytest.mark.parametrize(
     "make_args, fragments",
     [
-        (lambda p: ["--data.source", p / "missing.txt"], ["missing.txt", "does not exist"]),
-        (lambda p: ["--data.source", p / "empty.txt"], ["empty"]),
-        (lambda p: ["--data.source", p / "short.txt"], ["fewer than block_size+1"]),
-        (lambda p: ["--data.source", p / "small_val.txt"], ["validation split", "val_fraction"]),
         (lambda p: ["--ckpt_path", p / "nope.ckpt"], ["nope.ckpt", "does not exist"]),
         (lambda p: ["--ckpt_path", "last"], ["no", "last.ckpt"]),
         (lambda p: ["--model.n_embd", "63"], ["n_embd", "divisible", "n_head"]),
         (lambda p: ["--model.n_layers", "3"], ["n_layers"]),
         (lambda p: ["--config", p / "bad_key.yaml"], ["n_layers"]),
     ],
-    ids=["missing-file", "empty-file", "too-short", "val-too-small", "missing-ckpt", "no-last", "n_embd",
-         "unknown-flag", "unknown-config-key"],
+    ids=["missing-ckpt", "no-last", "n_embd", "unknown-flag", "unknown-config-key"],  # data errors: test_data_cli.py
 )
 def test_bad_input_is_one_clear_line(tmp_path, make_args, fragments):
-    (tmp_path / "empty.txt").write_text("", encoding="utf-8")
-    (tmp_path / "short.txt").write_text("too short", encoding="utf-8")
-    (tmp_path / "small_val.txt").write_text("abcdefghij" * 30, encoding="utf-8")  # 300 chars: val 30 < 33
     (tmp_path / "bad_key.yaml").write_text("model:\n  n_layers: 3\n", encoding="utf-8")
     run = tmp_path / "run"
     result = run_script("train.py", "--config", TINY_CONFIG, "--trainer.default_root_dir", run,
