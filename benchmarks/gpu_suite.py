@@ -126,7 +126,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if not args.smoke:
         import torch
 
-        from nanogpt.monitor import gpu_peak_tflops
+        from nanogpt.metrics import gpu_peak_tflops
 
         if not torch.cuda.is_available():
             p.error("no CUDA device here; run on a GPU, or pass --smoke to check the plumbing on a CPU")

@@ -28,11 +28,11 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 
-from nanogpt.callbacks import RunCheckpoint
 from nanogpt.cli import GPTLightningCLI
 from nanogpt.errors import NanoGPTError
-from nanogpt.monitor import TrainingMonitor
+from nanogpt.metrics import TrainingMonitor
 
 
 def sync_device(module: L.LightningModule) -> None:
@@ -222,7 +222,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             for callback in cli.trainer.callbacks:
                 if isinstance(callback, TrainingMonitor):
                     clock_calls(callback, "generate_sample", sample_s, cli.trainer)
-                elif isinstance(callback, RunCheckpoint):
+                elif isinstance(callback, Checkpoint):  # best, step and last files
                     clock_calls(callback, "on_validation_end", checkpoint_s, cli.trainer)
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     except NanoGPTError as e:

@@ -17,15 +17,17 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
 
+import lightning
 import torch
 from jsonargparse import ActionYesNo, ArgumentError
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from nanogpt.callbacks import RunCheckpoint, skip_empty_step_hooks
+from nanogpt.callbacks import run_checkpoints
 from nanogpt.checkpoint import (
     AtomicCheckpointIO,
     pick_resume_checkpoint,
@@ -38,7 +40,10 @@ from nanogpt.distributed import apply_ddp_defaults
 from nanogpt.errors import NanoGPTError
 from nanogpt.fault import FaultTolerance, TrainingInterrupted
 from nanogpt.module import GPTModule
-from nanogpt.monitor import LogLines, NoProfiler, RunCSVLogger, RunTensorBoardLogger, StepProgressBar, TrainingMonitor
+from nanogpt.lightning_private import TESTED_LIGHTNING_VERSIONS, is_tested_lightning
+from nanogpt.loggers import RunCSVLogger, RunTensorBoardLogger
+from nanogpt.metrics import TrainingMonitor
+from nanogpt.progress import LogLines, StepProgressBar
 from nanogpt.runlock import RunLock, is_global_rank_zero
 
 # Trainer settings that suit step-based GPT training; a config file or flag overrides each.
@@ -129,7 +134,7 @@ class GPTLightningCLI(LightningCLI):
             default=False,
             help="one line per log interval instead of a progress bar (CI, log files)",
         )
-        # --monitor.*: throughput, grad norm, MFU, text samples, hparams, histograms (nanogpt/monitor.py)
+        # --monitor.*: throughput, grad norm, MFU, text samples, hparams, histograms (nanogpt/metrics.py)
         parser.add_lightning_class_args(TrainingMonitor, "monitor")
         parser.add_argument(
             "--checkpoint.every_n_steps",
@@ -165,40 +170,35 @@ class GPTLightningCLI(LightningCLI):
             torch.set_float32_matmul_precision("high")  # TF32 matmuls: free speed on Ampere and newer
 
     def instantiate_trainer(self, **kwargs: Any):
-        trainer_config = self._get(self.config_init, "trainer", default={})
+        config = self.config_init  # no subcommands: the sections sit at the top
+        trainer_config = config.get("trainer") or {}
         run_dir = trainer_config["default_root_dir"]
         if trainer_config.get("logger") in (None, True):
             # events straight in RUN (no lightning_logs/version_N): a resumed run continues the same run
             # purge_step: events a crashed run logged after the checkpoint we resume from are dropped, so the
             # resumed curves have no duplicate steps (a new run in a dir without checkpoints purges from 0)
-            if self._get(self.config_init, "logger") == "csv":
+            if config.get("logger") == "csv":
                 kwargs["logger"] = RunCSVLogger(save_dir=run_dir)
             else:
                 kwargs["logger"] = RunTensorBoardLogger(save_dir=run_dir, purge_step=self.resume_step)
         callbacks = list(trainer_config.get("callbacks") or []) + [FaultTolerance()]
         if trainer_config.get("enable_checkpointing") is not False:
             checkpoint = self.config.get("checkpoint")
-            callbacks.append(
-                RunCheckpoint(
-                    dirpath=str(Path(run_dir) / "checkpoints"),
-                    every_n_steps=checkpoint.every_n_steps,
-                    keep_last_k=checkpoint.keep_last_k,
-                )
+            callbacks += run_checkpoints(
+                str(Path(run_dir) / "checkpoints"), checkpoint.every_n_steps, checkpoint.keep_last_k
             )
         # progress: one line per log interval with --quiet, else a bar over optimizer steps (unless one is given)
-        if self._get(self.config_init, "quiet"):
+        if config.get("quiet"):
             kwargs["enable_progress_bar"] = False
             callbacks.append(LogLines())
         elif trainer_config.get("enable_progress_bar") is not False and not any(
             isinstance(c, ProgressBar) for c in callbacks
         ):
             # redraw every log_every_n_steps steps (when the loss changes), not every batch: a redraw costs
-            # 1-3 ms, several percent of a CPU step
+            # 1-3 ms, a few percent of a CPU step
             every = max(1, trainer_config.get("log_every_n_steps") or TRAINER_DEFAULTS["log_every_n_steps"])
             callbacks.append(StepProgressBar(refresh_rate=every))
         kwargs["callbacks"] = callbacks
-        if trainer_config.get("profiler") is None:
-            kwargs["profiler"] = NoProfiler()
         plugins = trainer_config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -209,7 +209,11 @@ class GPTLightningCLI(LightningCLI):
         except (MisconfigurationException, ValueError) as e:  # e.g. more devices than the machine has, a bad name
             raise NanoGPTError(f"bad trainer settings: {' '.join(str(e).split())}") from None
         apply_ddp_defaults(trainer.strategy)
-        skip_empty_step_hooks(trainer.callbacks)
+        if not is_tested_lightning():
+            rank_zero_warn(
+                f"lightning {lightning.__version__} is not a release nanogpt was tested with "
+                f"({', '.join(TESTED_LIGHTNING_VERSIONS)}); see nanogpt/lightning_private.py"
+            )
         if isinstance(trainer.strategy, FSDPStrategy) and trainer.strategy.root_device.type == "cpu":
             raise NanoGPTError(
                 "FSDP needs GPUs (PyTorch's FSDP does not run on CPU); use --trainer.accelerator gpu, "

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
 from nanogpt.errors import NanoGPTError
+from nanogpt.lightning_private import ddp_kwargs
 from nanogpt.model import Block
 
 # DDP settings that cost nothing: every parameter gets a gradient at every step, so DDP need not search
@@ -110,12 +111,12 @@ def all_reduce(tensor: torch.Tensor, op: Literal["mean", "min"], strategy: Any) 
 def apply_ddp_defaults(strategy: Any) -> None:
     """Gives a DDPStrategy (named "ddp", chosen by "auto", or a class_path) the DDP_DEFAULTS.
 
-    Lightning keeps the DistributedDataParallel kwargs in `_ddp_kwargs` until fit wraps the model. A
-    find_unused_parameters the user set is kept. gradient_as_bucket_view is always turned on: for a
+    Lightning keeps the DistributedDataParallel kwargs until fit wraps the model (no public API reaches them for
+    a strategy built from a name: see lightning_private). A find_unused_parameters the user set is kept. gradient_as_bucket_view is always turned on: for a
     class_path strategy jsonargparse fills in DDP's own default (False), so a False there is no choice.
     """
     if isinstance(strategy, DDPStrategy):
-        kwargs = strategy._ddp_kwargs
+        kwargs = ddp_kwargs(strategy)
         kwargs.setdefault("find_unused_parameters", DDP_DEFAULTS["find_unused_parameters"])
         kwargs["gradient_as_bucket_view"] = DDP_DEFAULTS["gradient_as_bucket_view"]
 
@@ -150,3 +151,4 @@ class GPTFSDPStrategy(FSDPStrategy):
             state_dict_type=state_dict_type,
             **kwargs,
         )
+        self.activation_checkpointing = activation_checkpointing

@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import math
 import signal
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
+from nanogpt.callbacks import last_checkpoint_path
+from nanogpt.checkpoint import non_finite_tensors
 from nanogpt.distributed import all_reduce
 from nanogpt.errors import NanoGPTError
+from nanogpt.lightning_private import silence_sigterm_broadcast
+from nanogpt.steps import ends_optimizer_step
 
 
 class TrainingInterrupted(Exception):
@@ -203,10 +207,6 @@ class StopVote:
         self.group, self._work = None, None
 
 
-def _lightning_sigterm_broadcast_unused() -> None:
-    """Stands in for Lightning's per-step SIGTERM broadcast while FaultTolerance's own handlers are installed."""
-
-
 class FaultTolerance(Callback):
     """Turns SIGTERM / SIGINT into a checkpoint at the next step boundary, and stops on a non-finite loss.
 
@@ -226,7 +226,7 @@ class FaultTolerance(Callback):
         self._stopping: Optional[tuple[int, Optional[str]]] = None  # (signal, checkpoint) once the stop is decided
         self._every = 0  # log_every_n_steps: how often the non-finite flag is read
         self._vote: Optional[StopVote] = None  # under DDP: the ranks' agreement to stop
-        self._silenced: Any = None  # the training epoch loop whose SIGTERM broadcast is switched off
+        self._unsilence: Optional[Callable[[], None]] = None  # switches Lightning's SIGTERM broadcast back on
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None and signum == signal.SIGINT:
@@ -250,25 +250,20 @@ class FaultTolerance(Callback):
                 self._silence_lightning_broadcast(trainer)
 
     def _silence_lightning_broadcast(self, trainer: L.Trainer) -> None:
-        # Lightning (2.5 on) broadcasts its SIGTERM flag from rank 0 before every micro-step on the default group
-        # and reads it back with .item(): on GPUs a host-device sync per micro-step (Lightning issue #21487). Our
-        # handlers replace Lightning's while training runs, so its flag stays False and the broadcast carries
-        # nothing: it is switched off on this loop until training ends. A SIGTERM Lightning caught before training
-        # started is carried over into our flag.
-        loop = trainer.fit_loop.epoch_loop
-        if hasattr(loop, "_broadcast_sigterm_tensor"):
-            if getattr(trainer, "received_sigterm", False) and self.signum is None:
-                self.signum = signal.SIGTERM
-            loop._broadcast_sigterm_tensor = _lightning_sigterm_broadcast_unused
-            self._silenced = loop
+        # Lightning broadcasts its SIGTERM flag from rank 0 before every micro-step, a host-device sync per step on
+        # GPUs; our handlers replace Lightning's while training runs, so the broadcast carries nothing and is
+        # switched off until training ends. A SIGTERM Lightning caught before training started is carried over.
+        if getattr(trainer, "received_sigterm", False) and self.signum is None:
+            self.signum = signal.SIGTERM
+        self._unsilence = silence_sigterm_broadcast(trainer)
 
     def _restore_handlers(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._previous.clear()
-        if self._silenced is not None:
-            vars(self._silenced).pop("_broadcast_sigterm_tensor", None)  # the class's method again
-            self._silenced = None
+        if self._unsilence is not None:
+            self._unsilence()
+            self._unsilence = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_handlers()
@@ -292,21 +287,28 @@ class FaultTolerance(Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # before every write, on every rank (Lightning builds the checkpoint on all of them): nothing trained on
-        # after a bad step is saved
+        # after a bad step is saved, and never weights holding NaN or inf
         self._check_finite(trainer, pl_module)
+        bad = non_finite_tensors(checkpoint.get("state_dict", {}))
+        if bad:
+            raise NanoGPTError(
+                f"the weights became non-finite at step {trainer.global_step} ({', '.join(bad[:3])}); they were not "
+                "saved. Lower --model.learning_rate, then resume with --ckpt_path last"
+            )
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.fit_loop.epoch_loop._should_accumulate():
+        if not ends_optimizer_step(trainer, batch_idx):
             return  # mid gradient accumulation: the optimizer step is not taken yet
         if trainer.global_step % self._every == 0:
             self._check_finite(trainer, pl_module)
         signalled = self.signum is not None
         if self._stopping is None and (self._vote.any_rank(signalled) if self._vote is not None else signalled):
             # the step is complete: checkpoint it here, where Lightning's loop state expects a save
-            checkpoint = trainer.checkpoint_callback
-            path = checkpoint.save_last_now(trainer) if hasattr(checkpoint, "save_last_now") else None
+            path = last_checkpoint_path(trainer)
+            if path is not None:
+                trainer.save_checkpoint(path, weights_only=False)  # every rank takes part (a collective under DDP)
             self._stopping = (self.signum if self.signum is not None else signal.SIGTERM, path)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:

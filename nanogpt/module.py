@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 from functools import partial
 from typing import Any, Literal, Optional
@@ -19,22 +18,16 @@ from nanogpt.distributed import all_reduce
 from nanogpt.errors import NanoGPTError
 from nanogpt.fault import NonFiniteGuard
 from nanogpt.model import GPT, GPTConfig
-from nanogpt.monitor import write_step_scalars
+from nanogpt.steps import is_logging_step
 from nanogpt.tokenizer import CharTokenizer
 
 
 def _plain_name(name: str) -> str:
-    """A parameter's name without the wrappers FSDP, activation checkpointing or torch.compile put in its path."""
-    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+    """A parameter's name without the wrappers FSDP and activation checkpointing put in its path (torch.compile
+    compiles the model in place, see configure_model, so it adds none)."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
         name = name.replace(wrapper, "")
     return name
-
-
-def _signature_computed_once(step: Any) -> Any:
-    """Stores a step method's signature on it: Lightning inspects training_step's and validation_step's on every
-    batch (inspect.getfullargspec, some 35 Python calls), and inspect returns a function's __signature__ as it is."""
-    step.__signature__ = inspect.signature(step)
-    return step
 
 
 def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
@@ -96,12 +89,9 @@ class GPTModule(L.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
         # LightningCLI adds `_instantiator`, an import path that load_from_checkpoint would import: hyperparameters
         # (in checkpoints and hparams.yaml) stay plain values that name no code
-        for hparams in (self.hparams, self._hparams_initial):
-            hparams.pop("_instantiator", None)
-            hparams.pop("_class_path", None)
+        self.save_hyperparameters(ignore=["_instantiator", "_class_path"])
         try:
             self.config = GPTConfig(
                 vocab_size=vocab_size,
@@ -124,14 +114,12 @@ class GPTModule(L.LightningModule):
         # by name, because under FSDP configure_optimizers sees parameters flattened into 1-D shards
         self._decayed = {name for name, p in self.model.named_parameters() if p.dim() >= 2}
         self.val_loss = MeanMetric()
-        self._loss_step, self._loss_count, self._loss_sum = -1, 0, torch.zeros(())  # see _global_batch_loss
+        self._loss_sum: Optional[torch.Tensor] = None  # () the optimizer step's micro-batch losses so far, detached
         self.tokenizer: Optional[CharTokenizer] = None
         # the step's total gradient norm before clipping, a device tensor (train/grad_norm, the non-finite guard)
         self.grad_norm: Optional[torch.Tensor] = None
         self._trained_params: list[torch.nn.Parameter] = []  # set in configure_optimizers
         self.nonfinite = NonFiniteGuard()  # read by FaultTolerance every log interval and before each checkpoint
-        # training scalars of a logging step, from the module and the callbacks, written together at its end
-        self.step_scalars: dict[str, Any] = {}
         # the RNG states at the step boundary where validation began, put back before the next step
         # (see on_validation_start); None while training draws on undisturbed
         self._boundary_rng: Optional[dict[str, Any]] = None
@@ -141,50 +129,29 @@ class GPTModule(L.LightningModule):
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         return self.model(idx, targets)
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        # Lightning sets _current_fx_name before and after every hook it calls, some 30 times a step; it is never a
-        # parameter, buffer or submodule, so nn.Module's bookkeeping (about 1.6 us a call) can be skipped
-        if name == "_current_fx_name":
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
-
-    @_signature_computed_once
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch  # (B, T), (B, T)
         _, loss = self.model(x, y)
         self.nonfinite.see_loss(loss)  # on a GPU no sync; a CPU reads a float (waits for nothing)
-        if self._is_logging_step():
-            # Only on logging steps (every log_every_n_steps): nothing here waits for the device on other steps.
-            # The scalars are written in on_train_batch_end, in one go with the callbacks' (see write_step_scalars)
-            self.step_scalars["train/loss"] = self._global_batch_loss(loss)
-            self.step_scalars["train/lr"] = self.optimizers().param_groups[0]["lr"]
+        # the sum of the step's micro-batch losses for train/loss: a device op, no sync (none at all without
+        # gradient accumulation); read on logging steps only
+        seen = loss.detach()
+        self._loss_sum = seen if batch_idx % self.trainer.accumulate_grad_batches == 0 else self._loss_sum + seen
         return loss
 
-    def _global_batch_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """The mean loss over the optimizer step's micro-batches so far; on steps the logger writes, over all ranks.
-
-        So train/loss is the loss of the whole global batch on any number of devices and accumulation steps,
-        at the cost of one scalar all-reduce every log_every_n_steps steps. Called on logging steps only.
-        """
-        if self._loss_step != self.global_step:  # the first micro-step of an optimizer step
-            self._loss_sum, self._loss_count, self._loss_step = torch.zeros_like(loss.detach()), 0, self.global_step
-        self._loss_sum = self._loss_sum + loss.detach()
-        self._loss_count += 1
-        mean = self._loss_sum / self._loss_count
-        trainer = self.trainer
-        if (trainer.world_size > 1 and (self.global_step + 1) % trainer.log_every_n_steps == 0
-                and not trainer.fit_loop._should_accumulate()):  # the step's last micro-batch: the value logged
-            mean = all_reduce(mean, "mean", trainer.strategy)  # every rank takes this branch together
-        return mean
-
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # after every callback's on_train_batch_end, so their scalars of this step are in step_scalars too
-        if self.step_scalars and not self.trainer.fit_loop._should_accumulate():
-            write_step_scalars(self.trainer, self.step_scalars)
-            self.step_scalars = {}
+        if not is_logging_step(self.trainer, batch_idx):
+            return  # nothing logged, nothing read back from the device
+        # the mean loss of the whole global batch: over the step's micro-batches and, on several devices, over all
+        # ranks (one scalar all-reduce every log_every_n_steps steps; every rank takes this branch together)
+        mean = self._loss_sum / self.trainer.accumulate_grad_batches
+        if self.trainer.world_size > 1:
+            mean = all_reduce(mean, "mean", self.trainer.strategy)
+        # not prog_bar=True: Lightning converts progress-bar values to floats after every batch, the cached ones of
+        # earlier steps too (a host-device sync per step on GPUs); StepProgressBar reads callback_metrics instead
+        self.log("train/loss", mean)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
 
-    @_signature_computed_once
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         _, loss = self.model(x, y)
@@ -211,7 +178,12 @@ class GPTModule(L.LightningModule):
         # step with non-finite gradients on the device (NonFiniteGuard) where others would need a host sync
         fused = self.device.type in ("cuda", "cpu")
         optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(hp.beta1, hp.beta2), fused=fused)
-        decay_steps = hp.decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else 5000)
+        decay_steps = hp.decay_steps or self.trainer.max_steps
+        if decay_steps <= 0:  # max_steps -1: training has no set end for the cosine to reach
+            raise NanoGPTError(
+                "the learning-rate schedule needs an end: set --trainer.max_steps, or --model.decay_steps "
+                "(the step where the cosine decay reaches model.min_lr)"
+            )
         schedule = partial(
             warmup_cosine,
             warmup_steps=hp.warmup_steps,
@@ -322,8 +294,10 @@ class GPTModule(L.LightningModule):
         if isinstance(stored_hparams, dict):
             check_resume_config(stored_hparams, dict(self.hparams))
         states = checkpoint.get("rng_states")
-        trainer = self._trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        try:
+            rank, world = self.trainer.global_rank, self.trainer.world_size
+        except RuntimeError:  # load_from_checkpoint: no trainer
+            rank, world = 0, 1
         if states and len(states) == world:
             self._boundary_rng = states[rank]
         elif states:
@@ -343,8 +317,3 @@ class GPTModule(L.LightningModule):
                 "resume with the data the run was trained on, or start a new run"
             )
         self.tokenizer = stored
-
-    def _is_logging_step(self) -> bool:
-        """Whether Lightning writes this step's logs (its own rule): logging on other steps only costs time."""
-        every = self.trainer.log_every_n_steps
-        return every > 0 and ((self.global_step + 1) % every == 0 or self.trainer.should_stop)

@@ -35,7 +35,7 @@ def _train(run: Path, *args, cwd: Path, cache: Path):
     # module fixtures run before the autouse fixture that points the data cache offline: pass it explicitly
     env = {"NANOGPT_CACHE": str(cache), "NANOGPT_TINYSHAKESPEARE_URL": "http://127.0.0.1:9/input.txt"}
     result = run_script("train.py", *COMMON, "--trainer.default_root_dir", run, *args, cwd=cwd, env=env,
-                        timeout=300)
+                        timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

@@ -12,6 +12,7 @@ from nanogpt.cli import GPTLightningCLI
 from nanogpt.data import CharDataModule, sample_rank_batch
 from nanogpt.distributed import DDP_DEFAULTS, BatchPlan, GPTFSDPStrategy, plan_batch
 from nanogpt.errors import NanoGPTError
+from nanogpt.lightning_private import ddp_kwargs
 from nanogpt.model import GPT, Block, GPTConfig
 from nanogpt.module import GPTModule
 from tests.conftest import REPO, TINY_CONFIG
@@ -90,7 +91,7 @@ def test_ddp_gets_the_free_settings_and_the_batch_plan(tmp_path):
     strategy = cli.trainer.strategy
     assert isinstance(strategy, DDPStrategy) and cli.trainer.world_size == 2
     for key, value in DDP_DEFAULTS.items():
-        assert strategy._ddp_kwargs[key] == value
+        assert ddp_kwargs(strategy)[key] == value
     assert DDP_DEFAULTS == {"find_unused_parameters": False, "gradient_as_bucket_view": True}
     # global batch 16 = 4 per device x 2 devices x 2 micro-steps; validation every 100 optimizer steps
     assert cli.trainer.accumulate_grad_batches == 2
@@ -101,9 +102,10 @@ def test_a_users_own_ddp_kwargs_win(tmp_path):
     strategy = ('{"class_path": "lightning.pytorch.strategies.DDPStrategy", '
                 '"init_args": {"find_unused_parameters": true, "static_graph": true}}')
     cli = _cli("--trainer.devices", 2, "--trainer.strategy", strategy, "--trainer.default_root_dir", tmp_path / "run")
-    assert cli.trainer.strategy._ddp_kwargs["static_graph"] is True
-    assert cli.trainer.strategy._ddp_kwargs["find_unused_parameters"] is True
-    assert cli.trainer.strategy._ddp_kwargs["gradient_as_bucket_view"] is True
+    kwargs = ddp_kwargs(cli.trainer.strategy)
+    assert kwargs["static_graph"] is True
+    assert kwargs["find_unused_parameters"] is True
+    assert kwargs["gradient_as_bucket_view"] is True
 
 
 def test_datamodule_applies_the_plan_to_its_trainer(tmp_path, shakespeare_text):
@@ -154,11 +156,12 @@ def test_fsdp_config_wraps_each_block_and_is_gpt2_xl_sized():
     strategy_cfg = config["trainer"]["strategy"]
     assert strategy_cfg["class_path"] == "nanogpt.distributed.GPTFSDPStrategy"
     strategy = GPTFSDPStrategy(**strategy_cfg["init_args"])
-    wrap = strategy.kwargs["auto_wrap_policy"]
-    assert set(wrap._module_classes) == {Block}
-    checkpointing = strategy._activation_checkpointing_kwargs
-    assert {Block} == set(checkpointing["auto_wrap_policy"]._module_classes)
-    assert GPTFSDPStrategy()._activation_checkpointing_kwargs == {}  # off unless asked for
+    wrap = strategy.kwargs["auto_wrap_policy"]  # FSDP asks the policy of every module: a Block is a unit
+    block = Block(GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    assert wrap(module=block, recurse=False, nonwrapped_numel=0)
+    assert not wrap(module=block.mlp, recurse=False, nonwrapped_numel=0)
+    assert strategy.activation_checkpointing is True
+    assert GPTFSDPStrategy().activation_checkpointing is False  # off unless asked for
     model_cfg = GPTConfig.from_dict(config["model"])
     with torch.device("meta"):  # shapes only: 1.5B parameters would take 6 GB
         n = GPT(model_cfg).num_params()

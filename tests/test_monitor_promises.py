@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from nanogpt.model import GPT, GPTConfig
-from nanogpt.monitor import flops_per_token, gpu_peak_tflops  # the one import of the peak table (and its MFU formula)
+from nanogpt.metrics import flops_per_token, gpu_peak_tflops  # the one import of the peak table (and its MFU formula)
 from tests.conftest import TINY_CONFIG, run_train
 
 

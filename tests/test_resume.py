@@ -154,15 +154,14 @@ def test_stop_and_resume_between_validations_is_bit_exact(straight, nanogpt_cach
 
 
 @pytest.mark.slow
-def test_a_run_ending_at_a_validation_resumes_from_its_shared_last_checkpoint(straight, nanogpt_cache, tmp_path):
-    # the run ends at step 25, whose validation improves val/loss: last.ckpt is a hard link to best.ckpt there,
-    # so what it holds was written as best.ckpt; resuming from it must be the same as resuming from a last.ckpt
+def test_a_run_ending_at_a_validation_resumes_from_its_last_checkpoint(straight, nanogpt_cache, tmp_path):
+    # the run ends at step 25, whose validation improves val/loss: best.ckpt and last.ckpt both hold step 25,
+    # last.ckpt written after the validation (with its score); resuming from it continues as if never stopped
     run = tmp_path / "run"
     first = train(run, nanogpt_cache, max_steps=25)
     assert first.returncode == 0, first.stderr[-3000:]
     ckpts = run / "checkpoints"
-    assert (ckpts / "last.ckpt").stat().st_ino == (ckpts / "best.ckpt").stat().st_ino
-    assert load(ckpts / "last.ckpt")["global_step"] == 25
+    assert load(ckpts / "best.ckpt")["global_step"] == load(ckpts / "last.ckpt")["global_step"] == 25
     second = train(run, nanogpt_cache, resume=True)
     assert second.returncode == 0, second.stderr[-3000:]
     assert_same_training(straight, run)
@@ -181,9 +180,7 @@ def test_step_checkpoints_are_kept_for_the_last_k_steps(straight):
     ]  # keep_last_k=2, no temp files left
     assert load(ckpts / "step-00000050.ckpt")["global_step"] == 50
     assert load(ckpts / "best.ckpt")["global_step"] == 50  # judged at the validation of step 50
-    # at step 50 the state was written once: best.ckpt, with last.ckpt (then) and its step link as hard links to it
-    assert (ckpts / "best.ckpt").stat().st_ino == (ckpts / "step-00000050.ckpt").stat().st_ino
-    assert (ckpts / "last.ckpt").stat().st_ino != (ckpts / "best.ckpt").stat().st_ino  # step 60: a write of its own
+    assert load(ckpts / "step-00000060.ckpt")["global_step"] == load(ckpts / "last.ckpt")["global_step"] == 60
     hparams = load(ckpts / "last.ckpt")["hyper_parameters"]
     assert not any(k.startswith("_") for k in hparams), hparams  # no import paths such as _instantiator
     assert "_instantiator" not in (straight / "hparams.yaml").read_text()
@@ -566,9 +563,12 @@ def _files(run: Path) -> dict[str, str]:
 
 
 def _checkpoint_state(path: Path) -> dict:
-    """The RunCheckpoint state stored in a checkpoint: paths, best score."""
-    (state,) = [v for k, v in load(path)["callbacks"].items() if k.startswith("RunCheckpoint")]
+    """The state of best.ckpt's checkpoint callback stored in a checkpoint: paths, best score."""
+    (state,) = [v for k, v in load(path)["callbacks"].items() if k.startswith(BEST_STATE)]
     return state
+
+
+BEST_STATE = "RunCheckpoint{'monitor': 'val/loss'"  # the key of best.ckpt's callback in a checkpoint's callbacks
 
 
 def _versioned(*dirs: Path) -> list[Path]:
@@ -580,7 +580,7 @@ def _claim_best_score(ckpt_path: Path, score: float) -> None:
     """Rewrites the best val/loss stored in a checkpoint: a score no validation of this tiny run reaches, so a
     resumed run that kept it must never replace best.ckpt (its real validations only improve on the stored one)."""
     ckpt = load(ckpt_path)
-    (key,) = [k for k in ckpt["callbacks"] if k.startswith("RunCheckpoint")]
+    (key,) = [k for k in ckpt["callbacks"] if k.startswith(BEST_STATE)]
     state = ckpt["callbacks"][key]
     state["best_model_score"] = torch.tensor(score)
     state["kth_value"] = torch.tensor(score)
@@ -598,12 +598,12 @@ def test_a_copied_run_dir_resumes_into_its_own_checkpoints(straight, nanogpt_cac
 
     ckpts = copy / "checkpoints"
     assert not _versioned(straight, copy)
-    # last.ckpt and best.ckpt continued, the step links made here: keep_last_k 2 dropped the copied 50 and 60
+    # last.ckpt and best.ckpt continued, the step checkpoints made here: keep_last_k 2 dropped the copied 50 and 60
     assert sorted(p.name for p in ckpts.iterdir()) == [
         "best.ckpt", "last.ckpt", "step-00000100.ckpt", "step-00000110.ckpt"
     ]
     assert load(ckpts / "last.ckpt")["global_step"] == 110
-    assert os.path.samefile(ckpts / "step-00000110.ckpt", ckpts / "last.ckpt")  # a hard link, not a second write
+    assert load(ckpts / "step-00000110.ckpt")["global_step"] == 110
     assert load(ckpts / "step-00000100.ckpt")["global_step"] == 100
     # the best over the whole run, the two validations before the copy included, is best.ckpt's
     val = read_scalars(copy)["val/loss"]
@@ -613,8 +613,7 @@ def test_a_copied_run_dir_resumes_into_its_own_checkpoints(straight, nanogpt_cac
     state = _checkpoint_state(ckpts / "last.ckpt")
     assert float(state["best_model_score"]) == pytest.approx(best_loss, abs=1e-6)
     # every stored path is this run's: a later resume of the copy never reaches back into the original
-    paths = [state["dirpath"], state["best_model_path"], state["last_model_path"], state["kth_best_model_path"],
-             *state["best_k_models"]]
+    paths = [state["dirpath"], state["best_model_path"], state["kth_best_model_path"], *state["best_k_models"]]
     assert all(Path(p).parent == ckpts.resolve() or p == str(ckpts.resolve()) for p in paths), paths
     assert _files(straight) == original  # the original run is untouched, byte for byte
 
@@ -652,7 +651,9 @@ def test_resuming_another_runs_checkpoint_in_a_new_dir_judges_its_best_afresh(st
 
     # the source's score belongs to the source's best.ckpt, which is not here: this dir gets its own best
     ckpts = finetuned / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["best.ckpt", "last.ckpt", "step-00000080.ckpt", "step-00000085.ckpt"]
+    # step checkpoints every 10 steps (--checkpoint.every_n_steps), the newest 2 kept; last.ckpt at the end, step 85
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best.ckpt", "last.ckpt", "step-00000070.ckpt", "step-00000080.ckpt"]
+    assert load(ckpts / "last.ckpt")["global_step"] == 85
     assert load(ckpts / "best.ckpt")["global_step"] == 75
     (val,) = read_scalars(finetuned)["val/loss"]
     assert float(_checkpoint_state(ckpts / "last.ckpt")["best_model_score"]) == pytest.approx(val[1], abs=1e-6)

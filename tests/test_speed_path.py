@@ -1,16 +1,17 @@
-"""The speed path on CPU: device-gathered batches equal host ones, and logging happens only on logging steps."""
+"""The speed path on CPU: device-gathered batches equal host ones, logging and reads only on logging steps, no
+recompiles, gradients freed after each update."""
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from nanogpt.data import CharDataModule, sample_rank_batch, tokens_fit_on_device, tokens_to_device
 from nanogpt.fault import NonFiniteGuard
 from nanogpt.module import GPTModule
-from nanogpt.monitor import TrainingMonitor
+from nanogpt.loggers import RunTensorBoardLogger
+from nanogpt.metrics import TrainingMonitor
 from tests.conftest import TINY_CONFIG, read_scalars
 
 
@@ -56,47 +57,49 @@ def _small_data(tmp_path, text, **kwargs) -> CharDataModule:
                              "cache_dir": str(tmp_path / "c"), **kwargs})
 
 
-class _RecordingModule(GPTModule):
-    """GPTModule that notes every self.log call in training, and what each step hands to write_step_scalars."""
-
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.log_calls = []
-        self.written = []  # (step, tags) of every step that had scalars to write
-
-    def log(self, name, value, *args, **kw):
-        if self.trainer.training:
-            self.log_calls.append((self.global_step, name))
-        return super().log(name, value, *args, **kw)
-
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        if self.step_scalars:
-            self.written.append((self.global_step - 1, set(self.step_scalars)))
-        super().on_train_batch_end(outputs, batch, batch_idx)
-
-
-def test_training_logs_only_on_logging_steps_in_one_write(tmp_path, shakespeare_text):
+def test_training_scalars_are_logged_on_logging_steps_only(tmp_path, shakespeare_text):
     dm = _small_data(tmp_path, shakespeare_text)
-    model = _RecordingModule(vocab_size=dm.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
+    model = GPTModule(vocab_size=dm.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
     trainer = L.Trainer(
         accelerator="cpu", max_steps=25, log_every_n_steps=10, limit_val_batches=0, enable_progress_bar=True,
         enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path,
-        logger=L.pytorch.loggers.TensorBoardLogger(tmp_path, name="", version=""), callbacks=[TrainingMonitor()],
+        logger=RunTensorBoardLogger(str(tmp_path)), callbacks=[TrainingMonitor()],
     )
     trainer.fit(model, datamodule=dm)
-    # nothing goes through Lightning's self.log in training (about 0.5 ms a call), and only logging steps have
-    # scalars to read back from the device: the module's and the monitor's, in one write
-    assert model.log_calls == []
+    # the module's and the monitor's scalars, at the 10th and 20th steps only (logged at the index of the step)
     tags = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/tokens_seen"}
-    assert model.written == [(9, tags), (19, tags)]
     scalars = read_scalars(tmp_path)
     for tag in tags:
         assert [s for s, _ in scalars[tag]] == [9, 19], tag
     assert 2.0 < scalars["train/loss"][-1][1] < 4.5
     assert scalars["train/tokens_seen"][-1][1] == 20 * 4 * 16
-    # callbacks see them as they would see self.log values (tensors), the progress bar its two
+    # callbacks (and StepProgressBar) see them as they see any self.log value
     assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(scalars["train/loss"][-1][1], rel=1e-6)
-    assert set(trainer.progress_bar_metrics) == {"train/loss", "train/tokens_per_sec"}
+    assert tags <= set(trainer.callback_metrics)
+
+
+def test_train_loss_is_the_mean_over_the_micro_batches_of_a_step(tmp_path, shakespeare_text):
+    # 4 sequences a step in 2 micro-batches: train/loss is the loss of the global batch, not of its last half
+    dm = _small_data(tmp_path, shakespeare_text, micro_batch_size=2)
+
+    class Recording(GPTModule):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.seen.append(float(loss))
+            return loss
+
+    model = Recording(vocab_size=dm.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
+    model.seen = []
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=4, log_every_n_steps=2, limit_val_batches=0, enable_progress_bar=False,
+        enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path,
+        logger=RunTensorBoardLogger(str(tmp_path)),
+    )
+    trainer.fit(model, datamodule=dm)
+    logged = read_scalars(tmp_path)["train/loss"]
+    assert [s for s, _ in logged] == [1, 3]
+    for (_, value), first in zip(logged, (2, 6)):  # micro-batches 2, 3 make step 1; 6, 7 step 3
+        assert value == pytest.approx((model.seen[first] + model.seen[first + 1]) / 2, rel=1e-5)
 
 
 class _CountGraphs(L.Callback):
@@ -130,7 +133,7 @@ def test_compiled_model_never_recompiles_after_the_first_validation(tmp_path, sh
     trainer = L.Trainer(
         accelerator="cpu", max_steps=15, val_check_interval=5, check_val_every_n_epoch=None, num_sanity_val_steps=0,
         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
-        logger=TensorBoardLogger(tmp_path, name="", version=""), default_root_dir=tmp_path,
+        logger=RunTensorBoardLogger(str(tmp_path)), default_root_dir=tmp_path,
         callbacks=[monitor, graphs],  # graphs counts after the monitor's sample
     )
     trainer.fit(model, datamodule=dm)
@@ -196,57 +199,8 @@ def test_a_training_step_reads_nothing_back_from_the_device_except_on_logging_st
     logging = {4, 9, 14, 19}  # the steps whose scalars are written (and whose non-finite flags are read)
     assert set(reads.per_step) == set(range(20))
     quiet = {s: n for s, n in reads.per_step.items() if s not in logging}
-    assert set(quiet.values()) == ({0} if guard_on_device else {2}), reads.per_step  # cpu-guard: loss and norm
+    assert set(quiet.values()) == ({0} if guard_on_device else {2}), str(reads.per_step)  # cpu-guard: loss, norm
     assert all(reads.per_step[s] > max(quiet.values()) for s in logging)  # the counter works: logging steps read
-
-
-class _CountsBatchEnds(L.Callback):
-    def __init__(self):
-        self.batch_ends = 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.batch_ends += 1
-
-
-def test_empty_step_hooks_are_hidden_and_the_rest_still_run(tmp_path, shakespeare_text):
-    from lightning.pytorch.callbacks import Callback
-
-    from nanogpt.callbacks import STEP_HOOKS, skip_empty_step_hooks
-
-    counting, monitor = _CountsBatchEnds(), TrainingMonitor()
-    skip_empty_step_hooks([counting, monitor])
-    # what a callback leaves as Callback's no-op becomes None on the instance; its own hooks stay
-    assert counting.on_train_batch_end.__func__ is _CountsBatchEnds.on_train_batch_end
-    assert all(getattr(counting, h) is None for h in STEP_HOOKS if h != "on_train_batch_end")
-    assert monitor.on_train_batch_start is not None and monitor.on_before_optimizer_step is not None
-    assert monitor.on_before_backward is None and Callback.on_before_backward is not None  # the class is untouched
-    assert _CountsBatchEnds().on_before_backward is not None  # and so are other instances
-    # Lightning's dispatcher skips a hook that is not callable: a real run calls the kept hooks every step
-    dm = _small_data(tmp_path, shakespeare_text)
-    model = GPTModule(vocab_size=dm.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
-    trainer = L.Trainer(
-        accelerator="cpu", max_steps=12, log_every_n_steps=5, limit_val_batches=0, enable_progress_bar=False,
-        enable_checkpointing=False, enable_model_summary=False, logger=False, default_root_dir=tmp_path,
-        callbacks=[counting, monitor],
-    )
-    trainer.fit(model, datamodule=dm)
-    assert counting.batch_ends == 12
-    assert monitor.tokens_seen == 12 * 4 * 16
-
-
-def test_lightning_reads_the_step_signatures_without_inspecting_them_again():
-    import inspect
-
-    from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
-
-    model = GPTModule(vocab_size=10, block_size=8, n_layer=1, n_head=1, n_embd=8)
-    for step in (model.training_step, model.validation_step):
-        # stored once on the function, with the parameters its code declares
-        fn = step.__func__
-        assert "__signature__" in vars(fn)
-        assert list(fn.__signature__.parameters) == list(fn.__code__.co_varnames[: fn.__code__.co_argcount])
-        assert inspect.getfullargspec(step).args == ["self", "batch", "batch_idx"]
-        assert is_param_in_hook_signature(step, "batch_idx", min_args=2)
 
 
 class _GradsAt(L.Callback):

@@ -21,7 +21,8 @@ import pytest
 
 from nanogpt.generate import load_checkpoint, sample
 from nanogpt.model import GPT, GPTConfig
-from nanogpt.monitor import StepProgressBar, TrainingMonitor, flops_per_token, format_count, format_duration, gpu_peak_tflops
+from nanogpt.metrics import TrainingMonitor, flops_per_token, gpu_peak_tflops
+from nanogpt.progress import StepProgressBar, format_count, format_duration
 from nanogpt.errors import NanoGPTError
 from tests.conftest import TINY_CONFIG, assert_user_error, read_scalars, run_script
 
@@ -307,8 +308,8 @@ def test_progress_bar_shows_mfu_only_where_it_is_logged():
 
     bar = StepProgressBar()
     logged = {"train/loss": 2.5, "train/tokens_per_sec": 12345.0, "train/mfu": 0.4567, "val/loss": 2.6}
-    assert bar.get_metrics(SimpleNamespace(progress_bar_metrics=logged), None) == {
+    assert bar.get_metrics(SimpleNamespace(callback_metrics=logged), None) == {
         "loss": "2.5000", "val_loss": "2.6000", "tok/s": "12.3k", "mfu": "45.7%",
     }
     del logged["train/mfu"]  # a CPU, or a GPU whose peak is unknown
-    assert "mfu" not in bar.get_metrics(SimpleNamespace(progress_bar_metrics=logged), None)
+    assert "mfu" not in bar.get_metrics(SimpleNamespace(callback_metrics=logged), None)

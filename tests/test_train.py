@@ -87,8 +87,10 @@ def test_a_new_run_never_overwrites_a_run_dirs_checkpoints(trained_run, tmp_path
         (lambda p: ["--model.n_embd", "63"], ["n_embd", "divisible", "n_head"]),
         (lambda p: ["--model.n_layers", "3"], ["n_layers"]),
         (lambda p: ["--config", p / "bad_key.yaml"], ["n_layers"]),
+        (lambda p: ["--trainer.max_steps", "-1"], ["--trainer.max_steps", "--model.decay_steps"]),
     ],
-    ids=["missing-ckpt", "no-last", "n_embd", "unknown-flag", "unknown-config-key"],  # data errors: test_data_cli.py
+    # data errors: test_data_cli.py
+    ids=["missing-ckpt", "no-last", "n_embd", "unknown-flag", "unknown-config-key", "no-schedule-end"],
 )
 def test_bad_input_is_one_clear_line(tmp_path, make_args, fragments):
     (tmp_path / "bad_key.yaml").write_text("model:\n  n_layers: 3\n", encoding="utf-8")

@@ -1,4 +1,4 @@
-"""What a run shows while it trains: the metrics beyond the loss, text samples, hyperparameters and progress.
+"""The metrics a run logs beyond the loss: throughput, gradient norm, MFU, text samples and hyperparameters.
 
 TrainingMonitor logs, against the optimizer step (the same step as train/loss and val/loss):
   every log_every_n_steps: train/grad_norm (before clipping), train/tokens_per_sec, train/tokens_seen and,
@@ -7,31 +7,24 @@ TrainingMonitor logs, against the optimizer step (the same step as train/loss an
   once: the hyperparameters (HParams tab, with hparams/final_val_loss and hparams/best_val_loss when training ends),
     model/num_params and train/global_batch_size;
   optionally: weight and gradient histograms.
-StepProgressBar is the progress bar over optimizer steps; LogLines replaces it with one plain line per log interval.
-RunTensorBoardLogger is the default logger; RunCSVLogger writes the scalars to RUN/metrics.csv instead
-(--logger csv), continuing the file when a run resumes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import sys
 import time
-from typing import Any, Optional, TextIO
+from typing import Any, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from lightning.pytorch.loggers.logger import rank_zero_experiment
-from lightning.pytorch.profilers import PassThroughProfiler
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.plugins.text.summary_v2 import text_pb
 
 from nanogpt.errors import NanoGPTError
 from nanogpt.generate import sample
+from nanogpt.loggers import tensorboard_file_writers
 from nanogpt.model import GPTConfig
+from nanogpt.steps import is_logging_step, logged_step
 
 # Dense bf16 tensor-core peaks in TFLOP/s, matched in order against torch.cuda.get_device_name().
 GPU_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
@@ -58,47 +51,6 @@ def flops_per_token(config: GPTConfig, non_embedding_params: int) -> int:
     6 per weight (2 forward, 4 backward) plus attention's q k^T and att v: 12 * n_layer * n_embd * block_size.
     """
     return 6 * non_embedding_params + 12 * config.n_layer * config.n_embd * config.block_size
-
-
-def log_step(trainer: L.Trainer) -> int:
-    """The step Lightning logs train and val scalars at (the index of the last optimizer step), for other summaries."""
-    return trainer.fit_loop.epoch_loop._batches_that_stepped
-
-
-def is_log_step(trainer: L.Trainer) -> bool:
-    """Whether the optimizer step that just ran (or is about to run) is one Lightning logs (log_every_n_steps)."""
-    return not trainer.fit_loop._should_accumulate() and trainer._logger_connector.should_update_logs
-
-
-# the training scalars a progress bar shows (as self.log(prog_bar=True) would mark them)
-PROGRESS_BAR_TAGS = ("train/loss", "train/tokens_per_sec", "train/mfu")
-
-
-def write_step_scalars(trainer: L.Trainer, scalars: dict[str, Any]) -> None:
-    """Writes one optimizer step's training scalars to every logger at once; callbacks and the progress bar see them.
-
-    What self.log(on_step=True) would do with them, without its per-call bookkeeping (about 0.5 ms a call on a CPU,
-    ten calls per log interval): device tensors are read back together (one sync, on logging steps only), every
-    value is logged at the step Lightning logs its own training scalars at, and lands in trainer.callback_metrics
-    (as tensors, as for self.log: EarlyStopping and the like read them there) and trainer.progress_bar_metrics.
-    """
-    values = {k: float(v) for k, v in scalars.items() if not isinstance(v, torch.Tensor)}
-    tensors = {k: v for k, v in scalars.items() if isinstance(v, torch.Tensor)}
-    if tensors:
-        device = next(iter(tensors.values())).device
-        read = torch.stack([t.detach().float().reshape(()).to(device) for t in tensors.values()]).tolist()
-        values.update(zip(tensors, read))
-    step = log_step(trainer)
-    for logger in trainer.loggers:  # rank 0 only: loggers ignore the call on other ranks
-        logger.log_metrics(values, step=step)
-    trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
-    trainer.progress_bar_metrics.update({k: v for k, v in values.items() if k in PROGRESS_BAR_TAGS})
-
-
-def tensorboard_writers(trainer: L.Trainer) -> list[Any]:
-    """The SummaryWriters of the trainer's TensorBoard loggers (none when logging to CSV only)."""
-    return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-
 
 def _sync(pl_module: L.LightningModule) -> None:
     # only at log steps and validation starts: wait for queued GPU work so the clock measures it
@@ -232,9 +184,9 @@ class TrainingMonitor(Callback):
         params = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in params.items()}
         # the metrics' values come at train end (on_train_end); the experiment only declares their tags
         summaries = hparams_summary(params, {"hparams/final_val_loss": 0.0, "hparams/best_val_loss": 0.0})
-        for writer in tensorboard_writers(trainer):
+        for writer in tensorboard_file_writers(trainer):
             for summary in summaries:
-                writer._get_file_writer().add_summary(summary)
+                writer.add_summary(summary)
         for logger in trainer.loggers:
             logger.log_metrics({"model/num_params": num_params, "train/global_batch_size": global_batch}, step=0)
 
@@ -248,9 +200,9 @@ class TrainingMonitor(Callback):
         n = self.histogram_every_n_steps
         if not n:
             return
-        step = log_step(trainer)
+        step = trainer.global_step  # the index of the step about to be taken
         if (step + 1) % n == 0 and trainer.is_global_zero:
-            for writer in tensorboard_writers(trainer):
+            for writer in [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]:
                 for name, p in pl_module.model.named_parameters():
                     writer.add_histogram(f"weights/{name}", p.detach().float(), step)
                     if p.grad is not None:
@@ -263,25 +215,21 @@ class TrainingMonitor(Callback):
         tokens = x.numel() * trainer.world_size
         self._interval_tokens += tokens
         self.tokens_seen = (self.tokens_seen or 0) + tokens
-        if not is_log_step(trainer):
+        if not is_logging_step(trainer, batch_idx):
             return
         _sync(pl_module)
         now = time.perf_counter()
         elapsed = now - self._interval_start - self._paused
-        scalars: dict[str, Any] = {"train/tokens_seen": self.tokens_seen}
+        pl_module.log("train/tokens_seen", float(self.tokens_seen))
         if elapsed > 0:
             self.last_tokens_per_sec = self._interval_tokens / elapsed
-            scalars["train/tokens_per_sec"] = self.last_tokens_per_sec
+            pl_module.log("train/tokens_per_sec", self.last_tokens_per_sec)
             if self._peak_flops:
-                scalars["train/mfu"] = self._flops_per_token * self.last_tokens_per_sec / self._peak_flops
+                mfu = self._flops_per_token * self.last_tokens_per_sec / self._peak_flops
+                pl_module.log("train/mfu", mfu)
         grad_norm = getattr(pl_module, "grad_norm", None)  # GPTModule keeps it from its clipping: no second pass
         if grad_norm is not None:
-            scalars["train/grad_norm"] = grad_norm
-        step_scalars = getattr(pl_module, "step_scalars", None)
-        if step_scalars is not None:
-            step_scalars.update(scalars)  # GPTModule writes them with its own at the end of this step
-        else:
-            write_step_scalars(trainer, scalars)
+            pl_module.log("train/grad_norm", grad_norm)  # a device tensor: read with the step's other scalars
         self._interval_start, self._interval_tokens, self._paused = now, 0, 0.0
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -297,14 +245,15 @@ class TrainingMonitor(Callback):
             val_loss = float(val_loss)
             if self.best_val_loss is None or val_loss < self.best_val_loss:
                 self.best_val_loss = val_loss
-        if self.sample_tokens > 0 and trainer.is_global_zero and tensorboard_writers(trainer):
+        writers = tensorboard_file_writers(trainer) if trainer.is_global_zero else []
+        if self.sample_tokens > 0 and writers:
             text = self.generate_sample(pl_module)
             # TensorBoard renders text as Markdown: indent by 4 spaces so lines and spacing stay as generated
             markdown = "\n".join("    " + line for line in text.split("\n"))
             # text_pb keeps the tag as given (SummaryWriter.add_text would append "/text_summary")
             summary = text_pb("val/sample", markdown)
-            for writer in tensorboard_writers(trainer):
-                writer._get_file_writer().add_summary(summary, log_step(trainer))
+            for writer in writers:
+                writer.add_summary(summary, logged_step(trainer))
 
     def generate_sample(self, pl_module: L.LightningModule) -> str:
         """The fixed prompt and its continuation by the model as it is now (seeded: only the model varies)."""
@@ -328,185 +277,10 @@ class TrainingMonitor(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         val_loss = trainer.callback_metrics.get("val/loss")
-        step = max(trainer.global_step - 1, 0)  # the last optimizer step, where its val/loss is logged
+        step = logged_step(trainer)  # the last optimizer step, where its val/loss is logged
         if val_loss is None or self.best_val_loss is None or step == self.last_final_step:
             return  # no validation ran, or a resumed run that trained no further
         metrics = {"hparams/final_val_loss": float(val_loss), "hparams/best_val_loss": self.best_val_loss}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         self.last_final_step = step
-
-
-class NoProfiler(PassThroughProfiler):
-    """Lightning's default "no profiler", at a sixth of its cost: the trainer's default when --trainer.profiler is unset.
-
-    Lightning wraps every hook of every callback in `profiler.profile(name)`, some 60 times a step; the
-    pass-through one builds a generator context each time (about 1.4 us), this one hands back one null context.
-    """
-
-    _null = contextlib.nullcontext()
-
-    def profile(self, action_name: str) -> contextlib.nullcontext:  # type: ignore[override]
-        return self._null
-
-
-def format_count(value: float) -> str:
-    """A compact count for progress output: 812, 12.3k, 4.56M."""
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g}{unit}"
-    return f"{value:.0f}"
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-class StepProgressBar(TQDMProgressBar):
-    """A tqdm bar over optimizer steps (of max_steps, so it shows the time left) with loss, val loss and tokens/s."""
-
-    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        super().on_train_epoch_start(trainer, *args)
-        bar = self.train_progress_bar
-        bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
-        # a resumed run starts at its step; tqdm's rate and time left count only the steps of this session
-        bar.initial = bar.n = trainer.global_step
-        bar.set_description("step")
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        bar = self.train_progress_bar
-        if bar is not None and self._should_update(trainer.global_step, bar.total):
-            bar.n = trainer.global_step
-            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
-            bar.refresh()
-
-    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        shown = {"train/loss": "loss", "val/loss": "val_loss", "train/tokens_per_sec": "tok/s", "train/mfu": "mfu"}
-        metrics = trainer.progress_bar_metrics
-        out: dict[str, Any] = {}
-        for tag, name in shown.items():
-            if tag in metrics:
-                value = float(metrics[tag])
-                if tag == "train/tokens_per_sec":
-                    out[name] = format_count(value)
-                elif tag == "train/mfu":
-                    out[name] = f"{100 * value:.1f}%"
-                else:
-                    out[name] = f"{value:.4f}"
-        return out
-
-
-class LogLines(Callback):
-    """One plain line per log interval and one per validation instead of a progress bar (--quiet): for CI and files.
-
-        step 100/300 | loss 2.4501 | val_loss 2.4712 | 12.3k tok/s | lr 2.81e-03 | elapsed 0:00:41 | left 0:01:22
-    """
-
-    def __init__(self, stream: Optional[TextIO] = None) -> None:
-        self.stream = stream
-        self._pending: Optional[int] = None  # a log step whose metrics Lightning has not handed over yet
-        self._start = 0.0
-        self._start_step = 0
-
-    def _print(self, trainer: L.Trainer, line: str) -> None:
-        if trainer.is_global_zero:
-            print(line, file=self.stream or sys.stdout, flush=True)
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start, self._start_step = time.perf_counter(), trainer.global_step
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if is_log_step(trainer):
-            # the step's logged values reach trainer.callback_metrics only after this hook: print at the next one
-            self._pending = trainer.global_step
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._flush(trainer)
-
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._flush(trainer)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._flush(trainer)
-
-    def _flush(self, trainer: L.Trainer) -> None:
-        if self._pending is None:
-            return
-        step, self._pending = self._pending, None
-        m = trainer.callback_metrics
-        parts = [f"step {step}/{trainer.max_steps}" if trainer.max_steps > 0 else f"step {step}"]
-        if "train/loss" in m:
-            parts.append(f"loss {float(m['train/loss']):.4f}")
-        if "val/loss" in m:
-            parts.append(f"val_loss {float(m['val/loss']):.4f}")
-        if "train/tokens_per_sec" in m:
-            parts.append(f"{format_count(float(m['train/tokens_per_sec']))} tok/s")
-        if "train/mfu" in m:
-            parts.append(f"mfu {100 * float(m['train/mfu']):.1f}%")
-        if "train/lr" in m:
-            parts.append(f"lr {float(m['train/lr']):.2e}")
-        elapsed = time.perf_counter() - self._start
-        parts.append(f"elapsed {format_duration(elapsed)}")
-        done = step - self._start_step
-        if trainer.max_steps > 0 and done > 0:
-            parts.append(f"left {format_duration(elapsed / done * max(trainer.max_steps - step, 0))}")
-        self._print(trainer, " | ".join(parts))
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit":
-            return
-        m = trainer.callback_metrics
-        parts = [f"step {trainer.global_step}/{trainer.max_steps}" if trainer.max_steps > 0 else f"step {trainer.global_step}"]
-        for tag in ("val/loss", "val/ppl", "val/bpc"):
-            if tag in m:
-                parts.append(f"{tag} {float(m[tag]):.4f}")
-        self._print(trainer, " | ".join(parts))
-
-
-def _drop_epoch(metrics: dict[str, Any]) -> dict[str, Any]:
-    # Lightning adds "epoch" to every logged dict; the training stream is one endless epoch, so it is always 0
-    # and, logged with both the train and the val scalars of a step, it would repeat steps
-    return {k: v for k, v in metrics.items() if k != "epoch"}
-
-
-class RunTensorBoardLogger(TensorBoardLogger):
-    """TensorBoardLogger writing events straight into RUN (no version dirs), so a resumed run continues its run."""
-
-    def __init__(self, save_dir: str, **kwargs: Any) -> None:
-        super().__init__(save_dir=save_dir, name="", version="", default_hp_metric=False, **kwargs)
-
-    def log_metrics(self, metrics: dict[str, Any], step: Optional[int] = None) -> None:
-        super().log_metrics(_drop_epoch(metrics), step)
-
-
-class _AppendingWriter(ExperimentWriter):
-    """CSVLogger's writer, but an existing metrics.csv (a resumed run) is continued instead of deleted."""
-
-    def _check_log_dir_exists(self) -> None:
-        if self._fs.isfile(self.metrics_file_path):
-            # know the file's columns, so a resumed run's new keys extend its header instead of replacing it
-            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
-                self.metrics_keys = sorted(csv.DictReader(f).fieldnames or [])
-
-
-class RunCSVLogger(CSVLogger):
-    """CSVLogger writing RUN/metrics.csv and RUN/hparams.yaml, continued (not overwritten) when the run resumes."""
-
-    def __init__(self, save_dir: str, **kwargs: Any) -> None:
-        super().__init__(save_dir=save_dir, name="", version="", **kwargs)
-
-    def log_metrics(self, metrics: dict[str, Any], step: Optional[int] = None) -> None:
-        super().log_metrics(_drop_epoch(metrics), step)
-
-    @property
-    @rank_zero_experiment
-    def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(log_dir=self.log_dir)
-        return self._experiment
