@@ -18,6 +18,7 @@ from nanogpt.distributed import all_reduce
 from nanogpt.errors import NanoGPTError
 from nanogpt.fault import NonFiniteGuard
 from nanogpt.model import GPT, GPTConfig
+from nanogpt.pretrained import load_pretrained_weights
 from nanogpt.steps import is_logging_step
 from nanogpt.tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
 
@@ -67,6 +68,8 @@ class GPTModule(L.LightningModule):
         weight_decay: AdamW weight decay, applied only to tensors of two or more dims (matmuls, embeddings).
         beta1, beta2: AdamW betas.
         compile: compile the inner model with torch.compile.
+        init_from: start from pretrained weights: a Hugging Face GPT-2 folder or hf:NAME (the shape must be the
+            folder's; the CLI takes it from there). Loaded when fit starts; a resumed run keeps its checkpoint's.
     """
 
     def __init__(
@@ -78,7 +81,7 @@ class GPTModule(L.LightningModule):
         n_embd: int = 384,
         dropout: float = 0.2,
         bias: bool = True,
-        activation: Literal["gelu", "relu"] = "gelu",
+        activation: Literal["gelu", "gelu_tanh", "relu"] = "gelu",
         learning_rate: float = 1e-3,
         min_lr: float = 1e-4,
         warmup_steps: int = 100,
@@ -87,6 +90,7 @@ class GPTModule(L.LightningModule):
         beta1: float = 0.9,
         beta2: float = 0.99,
         compile: bool = False,
+        init_from: Optional[str] = None,
     ) -> None:
         super().__init__()
         # LightningCLI adds `_instantiator`, an import path that load_from_checkpoint would import: hyperparameters
@@ -251,6 +255,9 @@ class GPTModule(L.LightningModule):
             self.model.compile(dynamic=False)
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.init_from:
+            # every rank reads the same files; when resuming, Lightning then puts the checkpoint's weights over these
+            load_pretrained_weights(self.model, self.hparams.init_from)
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "tokenizer"):
             self._set_tokenizer(datamodule.tokenizer)
