@@ -218,13 +218,15 @@ def main(argv: Optional[list[str]] = None) -> None:
             timer = RunTimer(warmup=args.warmup, target_loss=args.target_loss, stop_at_target=args.stop_at_target)
             cli.trainer.callbacks.append(timer)
             sample_s: list[float] = []
-            checkpoint_s: list[float] = []
+            per_checkpoint_s: list[list[float]] = []  # one list per checkpoint callback (best, step, last files)
             for callback in cli.trainer.callbacks:
                 if isinstance(callback, TrainingMonitor):
                     clock_calls(callback, "generate_sample", sample_s, cli.trainer)
-                elif isinstance(callback, Checkpoint):  # best, step and last files
-                    clock_calls(callback, "on_validation_end", checkpoint_s, cli.trainer)
+                elif isinstance(callback, Checkpoint):
+                    per_checkpoint_s.append([])
+                    clock_calls(callback, "on_validation_end", per_checkpoint_s[-1], cli.trainer)
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+            checkpoint_s = [sum(times) for times in zip(*per_checkpoint_s)]  # each validation's checkpoint writes
     except NanoGPTError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
