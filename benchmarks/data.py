@@ -1,6 +1,7 @@
 """Corpus benchmark: encoding throughput, cache hits, and peak memory while encoding and training on big corpora.
 
     python benchmarks/data.py [--sizes_mb 100 2048] [--steps 5] [--workdir /tmp]
+    python benchmarks/data.py --tokenizer bpe --text tinyshakespeare.txt [--sizes_mb 100 400]
 
 For each size, writes a generated ASCII corpus into a temporary folder under --workdir, then runs three fresh
 processes (so each peak RSS is its own): encode it into an empty cache, load it again from the cache, and train
@@ -9,6 +10,10 @@ printed is one JSON object: encode_mb_per_s (the largest corpus, both passes: vo
 wall clock, and encode_mb_per_cpu_s per CPU second, which a busy shared machine does not distort),
 peak_rss_mb_small / peak_rss_mb_large (the larger of the encoding and training peaks), cache_hit_s (largest
 corpus), and the per-size figures. Target: peak RSS of the largest corpus within 1.3x of the smallest.
+
+With --tokenizer bpe the corpus is --text tiled to each size (a BPE needs words, not random characters); the
+first pass trains the BPE (--bpe_vocab_size) instead of collecting characters, and bpe_encode_mb_per_s times
+the encoding alone (the Rust tokenizer's batch encoding on all cores; target: at least 5 MB/s on 2 cores).
 """
 
 from __future__ import annotations
@@ -40,17 +45,35 @@ def write_corpus(path: Path, n_bytes: int, chunk: int = 1 << 24) -> None:
             f.write(ALPHABET[rng.integers(0, len(ALPHABET), size=min(chunk, n_bytes - start))].tobytes())
 
 
+def tile_corpus(path: Path, n_bytes: int, text: Path) -> None:
+    """n_bytes of text repeated (and cut at the end), written one copy at a time."""
+    data = text.read_bytes()
+    with open(path, "wb") as f:
+        for start in range(0, n_bytes, len(data)):
+            f.write(data[: n_bytes - start])
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def child(task: str, source: str, cache: str, steps: int) -> dict:
+def child(task: str, source: str, cache: str, steps: int, tokenizer: dict) -> dict:
     """One measurement in this (fresh) process."""
     from nanogpt.token_cache import CorpusConfig, prepare_corpus
 
+    if task == "bpe_encode":  # the tokenizer from the cache entry; then the encoding alone, nothing written
+        from nanogpt.token_cache import subword_batches
+
+        tok = prepare_corpus(CorpusConfig(source=source, **tokenizer), cache).tokenizer
+        with open(source, encoding="utf-8") as f:
+            chunks = iter(lambda: f.read(1 << 20), "")
+            start, cpu_start = time.perf_counter(), time.process_time()
+            n = sum(len(ids) for ids in subword_batches(chunks, tok, np.uint16))
+        return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start,
+                "tokens": n, "peak_rss_mb": peak_rss_mb()}
     if task in ("encode", "hit"):
         start, cpu_start = time.perf_counter(), time.process_time()
-        corpus = prepare_corpus(CorpusConfig(source=source), cache)
+        corpus = prepare_corpus(CorpusConfig(source=source, **tokenizer), cache)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         assert corpus.from_cache == (task == "hit")
         return {"seconds": seconds, "cpu_seconds": cpu_seconds, "tokens": len(corpus.train),
@@ -61,7 +84,7 @@ def child(task: str, source: str, cache: str, steps: int) -> dict:
     from nanogpt.data import CharDataModule
     from nanogpt.module import GPTModule
 
-    dm = CharDataModule(source=source, batch_size=16, block_size=64, val_blocks=16, cache_dir=cache)
+    dm = CharDataModule(source=source, batch_size=16, block_size=64, val_blocks=16, cache_dir=cache, **tokenizer)
     model = GPTModule(vocab_size=dm.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=64, dropout=0.0)
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_epochs=-1, max_steps=steps, val_check_interval=steps,
@@ -73,9 +96,9 @@ def child(task: str, source: str, cache: str, steps: int) -> dict:
     return {"seconds": time.perf_counter() - start, "steps": trainer.global_step, "peak_rss_mb": peak_rss_mb()}
 
 
-def run_child(task: str, source: Path, cache: Path, steps: int) -> dict:
+def run_child(task: str, source: Path, cache: Path, steps: int, tokenizer: dict) -> dict:
     cmd = [sys.executable, __file__, "--child", task, "--source", str(source), "--cache", str(cache),
-           "--steps", str(steps)]
+           "--steps", str(steps), *[arg for k, v in tokenizer.items() for arg in (f"--{k}", str(v))]]
     # the child imports nanogpt from this checkout, installed or not
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
@@ -89,12 +112,20 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--sizes_mb", type=int, nargs="+", default=[100, 2048])
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--workdir", default=tempfile.gettempdir())
-    p.add_argument("--child", choices=["encode", "hit", "train"], help=argparse.SUPPRESS)
+    p.add_argument("--tokenizer", choices=["char", "bpe"], default="char")
+    p.add_argument("--bpe_vocab_size", type=int, default=2048)
+    p.add_argument("--text", type=Path, default=None, help="with --tokenizer bpe: the text tiled into each corpus")
+    p.add_argument("--child", choices=["encode", "hit", "train", "bpe_encode"], help=argparse.SUPPRESS)
     p.add_argument("--source", help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    tokenizer = {"tokenizer": args.tokenizer}
+    if args.tokenizer == "bpe":
+        tokenizer["bpe_vocab_size"] = args.bpe_vocab_size
+        if args.text is None and not args.child:
+            p.error("--tokenizer bpe needs --text FILE (e.g. tiny-shakespeare's input.txt), tiled to each size")
     if args.child:
-        print(json.dumps(child(args.child, args.source, args.cache, args.steps)))
+        print(json.dumps(child(args.child, args.source, args.cache, args.steps, tokenizer)))
         return
 
     sizes = {}
@@ -103,16 +134,20 @@ def main(argv: Optional[list[str]] = None) -> None:
         try:
             corpus = work / "corpus.txt"
             start = time.perf_counter()
-            write_corpus(corpus, mb * 10**6)
+            if args.tokenizer == "bpe":
+                tile_corpus(corpus, mb * 10**6, args.text)
+            else:
+                write_corpus(corpus, mb * 10**6)
             print(f"{mb} MB corpus written in {time.perf_counter() - start:.1f}s", file=sys.stderr)
-            encode = run_child("encode", corpus, work / "cache", args.steps)
-            hit = run_child("hit", corpus, work / "cache", args.steps)
-            train = run_child("train", corpus, work / "cache", args.steps)
+            encode = run_child("encode", corpus, work / "cache", args.steps, tokenizer)
+            hit = run_child("hit", corpus, work / "cache", args.steps, tokenizer)
+            train = run_child("train", corpus, work / "cache", args.steps, tokenizer)
+            bpe = run_child("bpe_encode", corpus, work / "cache", args.steps, tokenizer) if args.tokenizer == "bpe" else None
         finally:
             shutil.rmtree(work, ignore_errors=True)
         sizes[mb] = {
-            "encode_mb_per_s": round(mb / encode["seconds"], 1),
-            "encode_mb_per_cpu_s": round(mb / encode["cpu_seconds"], 1),  # per core, whatever else runs
+            "encode_mb_per_s": round(mb / encode["seconds"], 2),
+            "encode_mb_per_cpu_s": round(mb / encode["cpu_seconds"], 2),  # per core, whatever else runs
             "encode_s": round(encode["seconds"], 2),
             "cache_hit_s": round(hit["seconds"], 4),
             "peak_rss_mb_encode": round(encode["peak_rss_mb"], 1),
@@ -120,12 +155,19 @@ def main(argv: Optional[list[str]] = None) -> None:
             "train_steps": train["steps"],
             "train_s": round(train["seconds"], 2),
         }
+        if bpe is not None:
+            sizes[mb].update(bpe_encode_mb_per_s=round(mb / bpe["seconds"], 2),
+                             bpe_encode_mb_per_cpu_s=round(mb / bpe["cpu_seconds"], 2),
+                             peak_rss_mb_bpe_encode=round(bpe["peak_rss_mb"], 1),
+                             bytes_per_token=round(mb * 10**6 / bpe["tokens"], 2))
         print(f"{mb} MB: {json.dumps(sizes[mb])}", file=sys.stderr)
 
     small, large = sizes[min(sizes)], sizes[max(sizes)]
     peak_small = max(small["peak_rss_mb_encode"], small["peak_rss_mb_train"])
     peak_large = max(large["peak_rss_mb_encode"], large["peak_rss_mb_train"])
     print(json.dumps({
+        "tokenizer": args.tokenizer,
+        **({"bpe_encode_mb_per_s": large["bpe_encode_mb_per_s"]} if args.tokenizer == "bpe" else {}),
         "encode_mb_per_s": large["encode_mb_per_s"],
         "encode_mb_per_cpu_s": large["encode_mb_per_cpu_s"],
         "peak_rss_mb_small": peak_small,

@@ -16,12 +16,12 @@ from typing import Any, Iterator, Optional
 from nanogpt.errors import ArgumentParser, NanoGPTError
 from nanogpt.generate import load_checkpoint, pick_device, stream
 from nanogpt.model import GPT
-from nanogpt.tokenizer import CharTokenizer
+from nanogpt.tokenizer import Tokenizer
 
 
 def generate_text(
     model: GPT,
-    tokenizer: CharTokenizer,
+    tokenizer: Tokenizer,
     prompt: str,
     length: int,
     temperature: float,
@@ -30,7 +30,8 @@ def generate_text(
     seed: int,
     max_length: int,
 ) -> Iterator[str]:
-    """Yields the prompt plus the text generated so far, growing as characters come; length is capped."""
+    """Yields the prompt plus the text generated so far, growing as tokens come (whole characters only);
+    length, in tokens, is capped."""
     length = max(0, min(int(length), max_length))
     text = prompt
     pieces = stream(model, tokenizer, prompt, 1, length, float(temperature), int(top_k), int(seed), float(top_p))
@@ -39,7 +40,7 @@ def generate_text(
         yield text
 
 
-def build_demo(model: GPT, tokenizer: CharTokenizer, max_length: int = 2000, title: str = "nanogpt") -> Any:
+def build_demo(model: GPT, tokenizer: Tokenizer, max_length: int = 2000, title: str = "nanogpt") -> Any:
     """The Gradio Blocks app around one loaded model; generate_text is exposed as the API `/generate`."""
     import gradio as gr
 
@@ -51,12 +52,13 @@ def build_demo(model: GPT, tokenizer: CharTokenizer, max_length: int = 2000, tit
             raise gr.Error(str(e)) from None
 
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
-        gr.Markdown(f"# {title}\nA character-level GPT ({model.num_params() / 1e6:.2f}M parameters, "
-                    f"context {model.config.block_size}, {tokenizer.vocab_size} characters). "
+        unit = "characters" if tokenizer.kind == "char" else "tokens"
+        gr.Markdown(f"# {title}\nA GPT ({model.num_params() / 1e6:.2f}M parameters, context "
+                    f"{model.config.block_size} tokens, tokenizer {tokenizer.describe()}). "
                     "Type a prompt and press Generate.")
         prompt = gr.Textbox(label="Prompt", value="ROMEO:", lines=3)
         with gr.Row():
-            length = gr.Slider(1, max_length, value=min(500, max_length), step=1, label="Characters to generate")
+            length = gr.Slider(1, max_length, value=min(500, max_length), step=1, label=f"{unit.capitalize()} to generate")
             temperature = gr.Slider(0.0, 2.0, value=0.8, step=0.05, label="Temperature (0 = most likely)")
         with gr.Row():
             top_k = gr.Slider(1, tokenizer.vocab_size, value=tokenizer.vocab_size, step=1, label="Top-k")

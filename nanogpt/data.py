@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from nanogpt.distributed import BatchPlan, plan_batch
 from nanogpt.errors import NanoGPTError
 from nanogpt.token_cache import CorpusConfig, prepare_corpus
-from nanogpt.tokenizer import CharTokenizer
+from nanogpt.tokenizer import Tokenizer
 
 
 def blocks_at(
@@ -147,7 +147,8 @@ class CharDataModule(L.LightningDataModule):
         tokens_on_device: keep the training split on the training device and gather batches there; None (auto):
             on a GPU when it takes at most a tenth of the free memory, else gather on the host and copy pinned.
         **corpus: what to read and how to encode it: the fields of nanogpt.token_cache.CorpusConfig (source, glob,
-            text_column, hf_config, hf_split, separator, val_source, hf_val_split, vocab, oov, oov_replacement),
+            text_column, hf_config, hf_split, separator, val_source, hf_val_split, tokenizer, bpe_vocab_size, vocab,
+            oov, oov_replacement),
             each a --data.NAME flag documented there.
     """
 
@@ -179,7 +180,7 @@ class CharDataModule(L.LightningDataModule):
         self._tokens: Optional[np.ndarray] = None
         self._val: Optional[np.ndarray] = None  # the val_source tokens, when there is one
         self._prepared = None
-        self._tokenizer: Optional[CharTokenizer] = None
+        self._tokenizer: Optional[Tokenizer] = None
 
     def prepare_data(self) -> None:
         """Downloads and encodes the corpus into the cache (Lightning calls this on one process per node)."""
@@ -248,8 +249,8 @@ class CharDataModule(L.LightningDataModule):
         return self.corpus.source
 
     @property
-    def tokenizer(self) -> CharTokenizer:
-        """The corpus's vocabulary; reads the data on first use (the CLI needs it to size the model)."""
+    def tokenizer(self) -> Tokenizer:
+        """The corpus's tokenizer (characters or subwords); reads the data on first use (the CLI needs it to size the model)."""
         if self._tokenizer is None:
             self.prepare_data()
             self.setup()

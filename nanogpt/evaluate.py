@@ -32,66 +32,47 @@ import torch
 import yaml
 from torch.nn import functional as F
 
+from nanogpt.bpe import encoding_pieces
 from nanogpt.checkpoint import resolve_checkpoint
 from nanogpt.data import CharDataModule, val_block_starts
 from nanogpt.errors import NanoGPTError
 from nanogpt.generate import load_checkpoint
 from nanogpt.model import GPT
-from nanogpt.pretrained import load_pretrained, resolve_pretrained
+from nanogpt.pretrained import load_pretrained, pretrained_tokenizer
 from nanogpt.sources import CHUNK_CHARS, join_documents, open_source, rechunk
 from nanogpt.token_cache import token_dtype
-from nanogpt.tokenizer import CharTokenizer, describe_chars
+from nanogpt.tokenizer import CharTokenizer, Tokenizer, describe_chars
 
 
-class FolderTokenizer:
-    """The tokenizer.json of a Hugging Face folder, through the `tokenizers` library."""
-
-    def __init__(self, folder: Path) -> None:
-        from tokenizers import Tokenizer
-
-        path = folder / "tokenizer.json"
-        if not path.is_file():
-            raise NanoGPTError(f"{folder} holds no tokenizer.json; the model's text cannot be encoded without it")
-        self.tokenizer = Tokenizer.from_file(str(path))
-        self.vocab_size = self.tokenizer.get_vocab_size()
-
-    def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+def token_bytes(tokenizer: Tokenizer) -> np.ndarray:
+    """(vocab_size,) UTF-8 bytes each token stands for: bits per byte divide the summed loss by these."""
+    counts = tokenizer.token_bytes()
+    if counts is None:  # not byte-level (e.g. an exported character vocabulary): each token decodes on its own
+        counts = np.array([len(tokenizer.decode([i]).encode("utf-8")) for i in range(tokenizer.vocab_size)])
+    return np.asarray(counts, dtype=np.int64)
 
 
-def token_bytes(tokenizer: Any) -> np.ndarray:
-    """(vocab_size,) UTF-8 bytes of each token's text: bits per byte divide the summed loss by these."""
-    if isinstance(tokenizer, CharTokenizer):
-        return np.array([len(c.encode("utf-8")) for c in tokenizer.chars], dtype=np.int64)
-    return np.array([len(tokenizer.decode([i]).encode("utf-8")) for i in range(tokenizer.vocab_size)], dtype=np.int64)
-
-
-def load_model(spec: str, device: str = "cpu") -> tuple[GPT, Any]:
+def load_model(spec: str, device: str = "cpu") -> tuple[GPT, Tokenizer]:
     """A model and its tokenizer from a train.py checkpoint or run dir, a Hugging Face GPT-2 folder, or hf:NAME."""
     path = Path(spec).expanduser()
     if spec.startswith("hf:") or (path.is_dir() and (path / "config.json").is_file()):
-        folder = resolve_pretrained(spec)
-        return load_pretrained(spec).to(device), FolderTokenizer(folder)
+        return load_pretrained(spec).to(device), pretrained_tokenizer(spec)
     return load_checkpoint(spec, device)
 
 
-def encode_source(source: str, tokenizer: Any, max_tokens: Optional[int] = None, separator: str = "\n\n",
+def encode_source(source: str, tokenizer: Tokenizer, max_tokens: Optional[int] = None, separator: str = "\n\n",
                   **reader: Any) -> np.ndarray:
     """The source's text as token ids (its first max_tokens), read in chunks by the package's source readers
     (reader: open_source's split, glob, text_column and hf_config) with separator between documents."""
     src = open_source(source, **reader)
     chunks = rechunk(join_documents(src.documents(lambda _: None, CHUNK_CHARS), separator))
+    if not isinstance(tokenizer, CharTokenizer):
+        chunks = encoding_pieces(chunks)  # cut where encoding the pieces gives the ids of the whole text
     dtype = token_dtype(tokenizer.vocab_size)  # the narrowest that holds every id: a large text stays small
     parts, n, unknown = [], 0, Counter()
     for chunk in chunks:
-        if isinstance(tokenizer, CharTokenizer):
-            ids, bad = tokenizer.encode_known(chunk, dtype)
-            unknown.update(bad)
-        else:
-            ids = tokenizer.encode(chunk.decode("utf-8") if isinstance(chunk, bytes) else chunk).astype(dtype)
+        ids, bad = tokenizer.encode_known(chunk, dtype)
+        unknown.update(bad)
         if unknown:
             continue  # read on only to list every unknown character
         parts.append(ids)

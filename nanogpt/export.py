@@ -3,7 +3,10 @@
     nanogpt-export --ckpt RUN_DIR_OR_FILE --out DIR [--overwrite]
 
 `transformers.GPT2LMHeadModel.from_pretrained(DIR)` then computes the same logits as our model, and
-`transformers.AutoTokenizer.from_pretrained(DIR)` encodes text to the same character ids. Our network is
+`transformers.AutoTokenizer.from_pretrained(DIR)` encodes text to the same ids, with the model's own
+tokenizer (characters, or the subword tokenizer.json it was trained with; with GPT-2's tokenizer the folder
+is a drop-in GPT-2 folder). The padding rows of a subword model's embedding are left out: config.json's
+vocab_size is the real vocabulary, as in GPT-2's own folder (50257). Our network is
 GPT-2's, so every option maps exactly: ReLU is GPT-2's `activation_function: relu`, and a model without
 biases becomes one whose biases are zero. GPT-2 stores its linear layers as Conv1D, (in, out) weights,
 so ours (out, in) are transposed.
@@ -17,7 +20,7 @@ import sys
 import tempfile
 from dataclasses import fields
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -25,7 +28,7 @@ from nanogpt.errors import ArgumentParser, NanoGPTError
 from nanogpt.generate import load_checkpoint
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.pretrained import ACTIVATIONS_TO_GPT2, to_gpt2_state_dict
-from nanogpt.tokenizer import CharTokenizer
+from nanogpt.tokenizer import CharTokenizer, Tokenizer
 
 # the GPTConfig fields this exporter maps; any other field is a model option GPT-2 may not have
 MAPPED_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "activation")
@@ -42,7 +45,7 @@ def check_exportable(config: GPTConfig) -> None:
             )
 
 
-def gpt2_config(config: GPTConfig) -> dict:
+def gpt2_config(config: GPTConfig, eos_token_id: Optional[int] = None) -> dict:
     """The config.json of a transformers GPT2LMHeadModel with our model's shape."""
     return {
         "architectures": ["GPT2LMHeadModel"],
@@ -62,16 +65,16 @@ def gpt2_config(config: GPTConfig) -> dict:
         "initializer_range": 0.02,
         "scale_attn_weights": True,
         "tie_word_embeddings": True,
-        # a character vocabulary has no special tokens
-        "bos_token_id": None,
-        "eos_token_id": None,
+        # a character vocabulary has no special tokens; GPT-2's <|endoftext|> is both
+        "bos_token_id": eos_token_id,
+        "eos_token_id": eos_token_id,
         "use_cache": True,
     }
 
 
 def gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """Our weights under GPT-2's names and layouts. The tied lm_head is stored once, as transformer.wte."""
-    out = to_gpt2_state_dict(model.state_dict())
+    out = to_gpt2_state_dict(model.state_dict(), model.config.vocab_size)
     if not model.config.bias:
         # GPT-2 always has biases: zero ones compute exactly what no bias does
         C = model.config.n_embd
@@ -85,7 +88,14 @@ def gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
 
 
-def tokenizer_files(tokenizer: CharTokenizer) -> dict[str, dict]:
+def tokenizer_files(tokenizer: Tokenizer) -> dict[str, dict | str]:
+    """The tokenizer's files: a character vocabulary's (see char_tokenizer_files), or a subword one's."""
+    if isinstance(tokenizer, CharTokenizer):
+        return char_tokenizer_files(tokenizer)
+    return subword_tokenizer_files(tokenizer)
+
+
+def char_tokenizer_files(tokenizer: CharTokenizer) -> dict[str, dict | str]:
     """The vocabulary as vocab.json ({char: id}) and a `tokenizers` file that AutoTokenizer loads.
 
     The tokenizer is a BPE without merges and without pre-tokenization, so every character is one token,
@@ -122,6 +132,37 @@ def tokenizer_files(tokenizer: CharTokenizer) -> dict[str, dict]:
     return {"vocab.json": vocab, "tokenizer.json": fast, "tokenizer_config.json": config}
 
 
+def subword_tokenizer_files(tokenizer: Any) -> dict[str, dict | str]:
+    """The checkpoint's own tokenizer.json, a tokenizer_config.json, and for a BPE vocab.json and merges.txt.
+
+    A byte-level BPE with GPT-2's <|endoftext|> loads as GPT2Tokenizer with it as BOS, EOS and UNK, as GPT-2's
+    own folder does; any other loads as PreTrainedTokenizerFast, exactly as its tokenizer.json says.
+    """
+    spec = json.loads(tokenizer.to_dict()["json"])
+    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": None,
+                              "clean_up_tokenization_spaces": False}
+    if tokenizer.byte_level and endoftext_id(tokenizer) is not None:
+        config.update(tokenizer_class="GPT2Tokenizer", add_prefix_space=False, bos_token=ENDOFTEXT,
+                      eos_token=ENDOFTEXT, unk_token=ENDOFTEXT)
+    files: dict[str, dict | str] = {"tokenizer.json": spec, "tokenizer_config.json": config}
+    model = spec.get("model", {})
+    if model.get("type") == "BPE":  # the files older (slow) GPT-2 tokenizers read
+        files["vocab.json"] = model["vocab"]
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        files["merges.txt"] = "#version: 0.2\n" + "".join(m + "\n" for m in merges)
+    return files
+
+
+ENDOFTEXT = "<|endoftext|>"  # GPT-2's one special token
+
+
+def endoftext_id(tokenizer: Tokenizer) -> Optional[int]:
+    """The id of a subword tokenizer's <|endoftext|> token, or None."""
+    if isinstance(tokenizer, CharTokenizer):
+        return None
+    return tokenizer.tokenizer.token_to_id(ENDOFTEXT)
+
+
 def export(ckpt: str, out: str, overwrite: bool = False) -> Path:
     """Writes the checkpoint (file or run dir) as a Hugging Face GPT-2 folder at out; returns its path.
 
@@ -140,9 +181,10 @@ def export(ckpt: str, out: str, overwrite: bool = False) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         save_file(gpt2_state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
-        files = {"config.json": gpt2_config(model.config), **tokenizer_files(tokenizer)}
+        files = {"config.json": gpt2_config(model.config, endoftext_id(tokenizer)), **tokenizer_files(tokenizer)}
         for name, data in files.items():
-            (tmp / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            text = data if isinstance(data, str) else json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+            (tmp / name).write_text(text, encoding="utf-8")
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)

@@ -17,10 +17,10 @@ import torch
 from nanogpt.checkpoint import resolve_checkpoint, safe_load
 from nanogpt.errors import ArgumentParser, NanoGPTError
 from nanogpt.model import GPT, GPTConfig
-from nanogpt.tokenizer import CharTokenizer, describe_chars
+from nanogpt.tokenizer import StreamDecoding, Tokenizer, describe_chars, tokenizer_from_dict
 
 
-def load_checkpoint(path: str, device: str = "cpu") -> tuple[GPT, CharTokenizer]:
+def load_checkpoint(path: str, device: str = "cpu") -> tuple[GPT, Tokenizer]:
     """Builds the model and tokenizer stored in a checkpoint (file or run dir), in eval mode on device.
 
     Loading never runs code from the file: torch.load(weights_only=True) takes plain data only.
@@ -34,7 +34,7 @@ def load_checkpoint(path: str, device: str = "cpu") -> tuple[GPT, CharTokenizer]
     # the LightningModule keeps the network as `model`: drop that prefix (and compile's, if any)
     state = {k.removeprefix("model.").replace("_orig_mod.", ""): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)
-    return model.to(device).eval(), CharTokenizer.from_dict(ckpt["tokenizer"])
+    return model.to(device).eval(), tokenizer_from_dict(ckpt["tokenizer"])
 
 
 def pick_device(device: str) -> str:
@@ -64,7 +64,7 @@ def check_sampling(
     if top_k is not None and top_k < 1:
         raise NanoGPTError(f"{flag}top_k must be at least 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
-        raise NanoGPTError(f"{flag}top_p must be in (0, 1] (1 keeps every character), got {top_p}")
+        raise NanoGPTError(f"{flag}top_p must be in (0, 1] (1 keeps every token), got {top_p}")
     if stop is not None and not stop:
         raise NanoGPTError(f"{flag}stop is empty; give at least one character or leave it out")
 
@@ -79,7 +79,7 @@ def _held_back(text: str, stop: str) -> int:
 
 def stream(
     model: GPT,
-    tokenizer: CharTokenizer,
+    tokenizer: Tokenizer,
     prompt: str = "\n",
     num_samples: int = 1,
     max_new_tokens: int = 500,
@@ -92,10 +92,11 @@ def stream(
 ) -> Iterator[list[str]]:
     """Generates num_samples continuations of prompt as one batch, yielding each sample's new text as it comes.
 
-    Every yield is a list of num_samples strings, possibly empty. A sample ends before the first occurrence
-    of stop in its generated text (stop itself is not returned); characters that might begin stop are held
-    back until they are known not to. Generation ends when every sample has stopped or after
-    max_new_tokens characters.
+    Every yield is a list of num_samples strings, possibly empty: a token that ends inside a multi-byte
+    character yields nothing until the character is complete. A sample ends before the first occurrence
+    of stop in its generated text (stop itself is not returned), even when it spans several tokens;
+    characters that might begin stop are held back until they are known not to. Generation ends when every
+    sample has stopped or after max_new_tokens tokens.
     """
     check_sampling(num_samples, max_new_tokens, temperature, top_k, top_p, stop)
     if not prompt:
@@ -106,35 +107,40 @@ def stream(
             f"({describe_chars(tokenizer.unknown_chars(stop))}), so it could never be generated"
         )
     device = next(model.parameters()).device
-    ids = torch.as_tensor(tokenizer.encode(prompt), device=device)
-    idx = ids.unsqueeze(0).repeat(num_samples, 1)  # (num_samples, len(prompt))
+    prompt_ids = tokenizer.encode(prompt)
+    ids = torch.as_tensor(prompt_ids, device=device)
+    idx = ids.unsqueeze(0).repeat(num_samples, 1)  # (num_samples, prompt tokens)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else torch.seed())
     tokens = model.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache)
-    # a plain function around the generator: bad values fail at the call, not at the first character
-    return _pieces(tokens, tokenizer, num_samples, stop)
+    # one decoder per sample, each primed with the prompt (a subword decoder may depend on what came before)
+    decoders = [tokenizer.stream_decoder(prompt_ids.tolist()) for _ in range(num_samples)]
+    # a plain function around the generator: bad values fail at the call, not at the first token
+    return _pieces(tokens, decoders, stop)
 
 
 def _pieces(
-    tokens: Iterator[torch.Tensor], tokenizer: CharTokenizer, num_samples: int, stop: Optional[str]
+    tokens: Iterator[torch.Tensor], decoders: list[StreamDecoding], stop: Optional[str]
 ) -> Iterator[list[str]]:
     """Turns the model's (num_samples, 1) token steps into each sample's new text, cut at stop (see stream)."""
+    num_samples = len(decoders)
     texts = [""] * num_samples  # each sample's generated text so far
     shown = [0] * num_samples  # how much of it was yielded
     done = [False] * num_samples
     try:
         for step in tokens:  # step: (num_samples, 1)
-            chars = tokenizer.decode(step[:, 0].tolist())  # one character per sample
             out = []
-            for i, c in enumerate(chars):
+            for i, token in enumerate(step[:, 0].tolist()):
                 if done[i]:
                     out.append("")
                     continue
-                texts[i] += c
+                piece = decoders[i].step(token)  # '' while a character is incomplete
+                before = len(texts[i])
+                texts[i] += piece
                 end = len(texts[i])
                 if stop is not None:
-                    # only the tail can hold a new occurrence of stop
-                    hit = texts[i].find(stop, max(0, end - len(stop)))
+                    # a new occurrence of stop ends inside the new piece, so it starts after before - len(stop)
+                    hit = texts[i].find(stop, max(0, before - len(stop) + 1)) if piece else -1
                     if hit >= 0:
                         texts[i], end, done[i] = texts[i][:hit], hit, True
                     else:
@@ -153,7 +159,7 @@ def _pieces(
 
 def sample(
     model: GPT,
-    tokenizer: CharTokenizer,
+    tokenizer: Tokenizer,
     prompt: str = "\n",
     num_samples: int = 1,
     max_new_tokens: int = 500,
@@ -194,14 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt_file", default=None, help="read the prompt from this UTF-8 file")
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--max_new_tokens", type=int, default=500)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely character")
-    p.add_argument("--top_k", type=int, default=200, help="sample only among the k most likely characters")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token")
+    p.add_argument("--top_k", type=int, default=200, help="sample only among the k most likely tokens")
     p.add_argument("--top_p", type=float, default=None,
-                   help="nucleus sampling: only the most likely characters that together reach probability P")
+                   help="nucleus sampling: only the most likely tokens that together reach probability P")
     p.add_argument("--stop", default=None,
                    help="end a sample before this string (backslash escapes work: --stop '\\n\\n')")
     p.add_argument("--seed", type=int, default=None, help="fix the random seed for reproducible samples")
-    p.add_argument("--stream", action="store_true", help="print characters as they are generated (one sample)")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated (one sample)")
     p.add_argument("--no_cache", action="store_true",
                    help="recompute the whole context every step instead of using the KV cache (same text, slower)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

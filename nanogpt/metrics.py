@@ -168,6 +168,7 @@ class TrainingMonitor(Callback):
         global_batch = self._global_batch(trainer)
         params: dict[str, Any] = {f"model/{k}": v for k, v in pl_module.hparams.items() if not k.startswith("_")}
         params.update({f"data/{k}": getattr(dm, k) for k in ("source", "batch_size", "val_fraction", "val_blocks", "seed")})
+        params["data/tokenizer"] = pl_module.tokenizer.describe() if pl_module.tokenizer is not None else "char"
         params.update(
             {
                 "trainer/max_steps": trainer.max_steps,

@@ -17,6 +17,11 @@ from torch.nn import functional as F
 
 # "gelu" is the exact (erf) GELU; "gelu_tanh" its tanh approximation, GPT-2's own ("gelu_new" in transformers)
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+# subword vocabularies are padded to a multiple of this for faster matmuls (nanoGPT: GPT-2's 50257 -> 50304)
+VOCAB_MULTIPLE = 64
+# up to this size (characters, bytes) the head is a negligible share of the work and stays unpadded, so a char
+# model's first loss is still ln(vocab_size), as the lecture checks
+UNPADDED_VOCAB = 256
 
 
 @dataclass
@@ -54,6 +59,17 @@ class GPTConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and head: vocab_size, rounded up to VOCAB_MULTIPLE above UNPADDED_VOCAB.
+
+        The extra ids never occur in the data; the forward pass drops their logits, so they are never sampled
+        and never count in the loss (a pretrained GPT-2's zero padding rows would otherwise dominate it).
+        """
+        if self.vocab_size <= UNPADDED_VOCAB:
+            return self.vocab_size
+        return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
 class KVCache(nn.Module):
@@ -158,14 +174,14 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),  # token embeddings
                 wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
             )
         )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         # weight tying: the input embedding and the output projection share one matrix
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
@@ -213,7 +229,9 @@ class GPT(nn.Module):
         if input_pos is not None:
             x = x[:, -1:, :]  # (B, 1, C)
         x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, vocab)
+        logits = self.lm_head(x)  # (B, T, padded_vocab): the matmul runs on the padded, faster shape
+        if self.config.padded_vocab_size != self.config.vocab_size:
+            logits = logits[..., : self.config.vocab_size]  # (B, T, vocab), a view; the loss copies it once
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))

@@ -18,8 +18,9 @@ from nanogpt.distributed import all_reduce
 from nanogpt.errors import NanoGPTError
 from nanogpt.fault import NonFiniteGuard
 from nanogpt.model import GPT, GPTConfig
+from nanogpt.pretrained import load_pretrained_weights
 from nanogpt.steps import is_logging_step
-from nanogpt.tokenizer import CharTokenizer
+from nanogpt.tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
 
 
 def _plain_name(name: str) -> str:
@@ -67,6 +68,8 @@ class GPTModule(L.LightningModule):
         weight_decay: AdamW weight decay, applied only to tensors of two or more dims (matmuls, embeddings).
         beta1, beta2: AdamW betas.
         compile: compile the inner model with torch.compile.
+        init_from: start from pretrained weights: a Hugging Face GPT-2 folder or hf:NAME (the shape must be the
+            folder's; the CLI takes it from there). Loaded when fit starts; a resumed run keeps its checkpoint's.
     """
 
     def __init__(
@@ -78,7 +81,7 @@ class GPTModule(L.LightningModule):
         n_embd: int = 384,
         dropout: float = 0.2,
         bias: bool = True,
-        activation: Literal["gelu", "relu"] = "gelu",
+        activation: Literal["gelu", "gelu_tanh", "relu"] = "gelu",
         learning_rate: float = 1e-3,
         min_lr: float = 1e-4,
         warmup_steps: int = 100,
@@ -87,6 +90,7 @@ class GPTModule(L.LightningModule):
         beta1: float = 0.9,
         beta2: float = 0.99,
         compile: bool = False,
+        init_from: Optional[str] = None,
     ) -> None:
         super().__init__()
         # LightningCLI adds `_instantiator`, an import path that load_from_checkpoint would import: hyperparameters
@@ -115,7 +119,9 @@ class GPTModule(L.LightningModule):
         self._decayed = {name for name, p in self.model.named_parameters() if p.dim() >= 2}
         self.val_loss = MeanMetric()
         self._loss_sum: Optional[torch.Tensor] = None  # () the optimizer step's micro-batch losses so far, detached
-        self.tokenizer: Optional[CharTokenizer] = None
+        self.tokenizer: Optional[Tokenizer] = None
+        self.val_bpb = MeanMetric()  # bits per UTF-8 byte: one yardstick across tokenizers
+        self._token_bytes: Optional[torch.Tensor] = None  # (vocab,) UTF-8 bytes of each token id, for val/bpb
         # the step's total gradient norm before clipping, a device tensor (train/grad_norm, the non-finite guard)
         self.grad_norm: Optional[torch.Tensor] = None
         self._trained_params: list[torch.nn.Parameter] = []  # set in configure_optimizers
@@ -157,6 +163,12 @@ class GPTModule(L.LightningModule):
         _, loss = self.model(x, y)
         # weight by tokens so the epoch value is the mean over all validation characters, on any number of ranks
         self.val_loss.update(loss, weight=y.numel())
+        if self._token_bytes is not None:
+            # weighted by bytes, the epoch mean is the validation text's total bits over its total bytes
+            if self._token_bytes.device != y.device:
+                self._token_bytes = self._token_bytes.to(y.device)  # once: (vocab,) on the batch's device
+            n_bytes = self._token_bytes[y].sum()
+            self.val_bpb.update(loss * y.numel() / (math.log(2) * n_bytes), weight=n_bytes)
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()  # reduced across ranks
@@ -164,7 +176,11 @@ class GPTModule(L.LightningModule):
         # the values are already equal on every rank; sync_dist only spares Lightning's warning (3 scalars)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/ppl", torch.exp(loss), sync_dist=True)
-        self.log("val/bpc", loss / math.log(2), sync_dist=True)  # nats per character -> bits per character
+        if self.tokenizer is None or self.tokenizer.kind == "char":
+            self.log("val/bpc", loss / math.log(2), sync_dist=True)  # nats per character -> bits per character
+        if self._token_bytes is not None:
+            self.log("val/bpb", self.val_bpb.compute(), sync_dist=True)
+            self.val_bpb.reset()
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -239,14 +255,22 @@ class GPTModule(L.LightningModule):
             self.model.compile(dynamic=False)
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.init_from:
+            # every rank reads the same files; when resuming, Lightning then puts the checkpoint's weights over these
+            load_pretrained_weights(self.model, self.hparams.init_from)
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "tokenizer"):
-            self.tokenizer = datamodule.tokenizer
+            self._set_tokenizer(datamodule.tokenizer)
             if self.tokenizer.vocab_size != self.config.vocab_size:
                 raise NanoGPTError(
                     f"model.vocab_size is {self.config.vocab_size} but the data has {self.tokenizer.vocab_size} "
-                    "characters; leave vocab_size unset so it is taken from the data"
+                    "tokens; leave vocab_size unset so it is taken from the data"
                 )
+
+    def _set_tokenizer(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        counts = tokenizer.token_bytes()  # None for a subword tokenizer whose tokens have no fixed bytes
+        self._token_bytes = None if counts is None else torch.as_tensor(counts)
 
     def on_train_start(self) -> None:
         # the split of the global batch in use, once: on the console and as scalars at the start step
@@ -290,6 +314,11 @@ class GPTModule(L.LightningModule):
         checkpoint["rng_states"] = states
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        stored = checkpoint.get("tokenizer")
+        stored = None if stored is None else tokenizer_from_dict(stored)
+        # before the config check: a new tokenizer also changes vocab_size, and this names the cause
+        if stored is not None and self.tokenizer is not None and stored != self.tokenizer:
+            raise NanoGPTError(tokenizer_change(stored, self.tokenizer))
         stored_hparams = checkpoint.get("hyper_parameters")
         if isinstance(stored_hparams, dict):
             check_resume_config(stored_hparams, dict(self.hparams))
@@ -305,15 +334,20 @@ class GPTModule(L.LightningModule):
                 f"the checkpoint holds RNG states for {len(states)} processes but this run has {world}: "
                 "training resumes, but its random dropout masks will differ from an uninterrupted run"
             )
-        stored = checkpoint.get("tokenizer")
-        if stored is None:
-            return
-        stored = CharTokenizer.from_dict(stored)
-        if self.tokenizer is not None and stored != self.tokenizer:
-            added = sorted(set(self.tokenizer.chars) - set(stored.chars))
-            removed = sorted(set(stored.chars) - set(self.tokenizer.chars))
-            raise NanoGPTError(
-                f"the checkpoint's vocabulary differs from the data's (new characters {added}, missing {removed}); "
-                "resume with the data the run was trained on, or start a new run"
-            )
-        self.tokenizer = stored
+        if stored is not None:
+            self._set_tokenizer(stored)
+
+
+def tokenizer_change(stored: Tokenizer, current: Tokenizer) -> str:
+    """Why a run cannot resume: its checkpoint's tokenizer is not the data's (one line naming both)."""
+    if isinstance(stored, CharTokenizer) and isinstance(current, CharTokenizer):
+        added = sorted(set(current.chars) - set(stored.chars))
+        removed = sorted(set(stored.chars) - set(current.chars))
+        return (
+            f"the checkpoint's vocabulary differs from the data's (new characters {added}, missing {removed}); "
+            "resume with the data the run was trained on, or start a new run"
+        )
+    return (
+        f"the checkpoint's tokenizer is {stored.describe()} but the data's is {current.describe()}; "
+        "resume with the --data.tokenizer the run was trained with, or start a new run"
+    )

@@ -23,6 +23,7 @@ import torch
 from nanogpt.checkpoint import safe_load
 from nanogpt.errors import NanoGPTError
 from nanogpt.model import GPT, GPTConfig
+from nanogpt.tokenizer import Tokenizer
 
 SUPPORTED_MODEL_TYPES = ("gpt2",)
 # the weights of GPT-2's Conv1D layers, stored (in, out): ours are nn.Linear, (out, in)
@@ -41,9 +42,12 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "pytorch_model.bin.index.json")
 
 
-def to_gpt2_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our GPT's state dict under GPT-2's names and layouts; the tied lm_head is left out (GPT-2 re-ties it)."""
-    return {name: p.t() if name.endswith(CONV1D) else p for name, p in state.items() if name != "lm_head.weight"}
+def to_gpt2_state_dict(state: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
+    """Our GPT's state dict under GPT-2's names and layouts: the tied lm_head left out (GPT-2 re-ties it), and
+    the embedding cut to the vocab_size real tokens (the padding rows are never used)."""
+    out = {name: p.t() if name.endswith(CONV1D) else p for name, p in state.items() if name != "lm_head.weight"}
+    out["transformer.wte.weight"] = out["transformer.wte.weight"][:vocab_size]  # (vocab, C)
+    return out
 
 
 def from_gpt2_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -215,39 +219,101 @@ def load_pretrained(
         raise NanoGPTError(f"block_size {block_size} is above the pretrained model's n_positions "
                            f"({shape.n_positions}, {spec}); use --model.block_size {shape.n_positions} or less")
     raw = read_gpt2_weights(folder)
-    has_bias = _has_bias(raw)
-    if bias is False and has_bias:
-        raise NanoGPTError(f"{spec} has non-zero biases, so it cannot load as a model without biases; "
-                           "drop --model.bias false")
     try:
         config = GPTConfig(vocab_size=shape.vocab_size, block_size=block_size, n_layer=shape.n_layer,
                            n_head=shape.n_head, n_embd=shape.n_embd, dropout=dropout,
-                           bias=has_bias if bias is None else bias, activation=shape.activation)
+                           bias=_has_bias(raw) if bias is None else bias, activation=shape.activation)
     except ValueError as e:
         raise NanoGPTError(f"{folder / 'config.json'}: {e}") from None
     model = GPT(config)
-    expected = model.state_dict()
+    model.load_state_dict(pretrained_state_dict(raw, model, spec))
+    return model.eval()
+
+
+def load_pretrained_weights(model: GPT, spec: str) -> None:
+    """Copies the weights of a GPT-2 folder or hf:NAME into model, whose shape must be the folder's."""
+    model.load_state_dict(pretrained_state_dict(read_gpt2_weights(resolve_pretrained(spec)), model, spec))
+
+
+def pretrained_state_dict(raw: dict[str, torch.Tensor], model: GPT, spec: str) -> dict[str, torch.Tensor]:
+    """A GPT-2 state dict (read_gpt2_weights) as a state dict for model; a tensor that is missing, left over or
+    of the wrong shape is an error naming it."""
+    config = model.config
     state = from_gpt2_state_dict(raw)
     if "lm_head.weight" in raw and "transformer.wte.weight" in state:
         if not torch.equal(raw["lm_head.weight"], state["transformer.wte.weight"]):
             raise NanoGPTError(f"{spec}: lm_head.weight differs from the token embedding (transformer.wte.weight); "
                                "this GPT ties the two, so only tied GPT-2 models load")
     if not config.bias:
+        if _has_bias(state):
+            raise NanoGPTError(f"{spec} has non-zero biases, so it cannot load as a model without biases; "
+                               "drop --model.bias false")
         state = {k: v for k, v in state.items() if not k.endswith(".bias")}
     # the position table holds n_positions rows: keep the first block_size (nanoGPT's crop_block_size)
     if state.get("transformer.wpe.weight") is not None:
-        state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:block_size]
-    expected_names = set(expected) - {"lm_head.weight"}
-    missing = sorted(expected_names - set(state))
-    unexpected = sorted(set(state) - expected_names)
-    mismatched = [f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k].shape)})"
-                  for k in sorted(expected_names & set(state)) if state[k].shape != expected[k].shape]
+        state["transformer.wpe.weight"] = state["transformer.wpe.weight"][: config.block_size]
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    expected["transformer.wte.weight"] = (config.vocab_size, config.n_embd)  # the file has no padding rows
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [f"{k} {tuple(state[k].shape)} (expected {expected[k]})"
+                  for k in sorted(set(expected) & set(state)) if tuple(state[k].shape) != expected[k]]
     problems = ([f"missing {_describe(missing)}"] if missing else []) + \
                ([f"unexpected {_describe(unexpected)}"] if unexpected else []) + \
                ([f"wrong shape {_describe(mismatched)}"] if mismatched else [])
     if problems:
-        raise NanoGPTError(f"the weights in {folder} do not fit its config.json: {'; '.join(problems)}; "
+        raise NanoGPTError(f"the weights of {spec} do not fit its config.json: {'; '.join(problems)}; "
                            "pass a complete GPT-2 folder")
-    state["lm_head.weight"] = state["transformer.wte.weight"]  # one tensor: the two are tied
-    model.load_state_dict(state)
-    return model.eval()
+    wte = state["transformer.wte.weight"]  # (vocab, C)
+    if config.padded_vocab_size > config.vocab_size:
+        # our embedding has padding rows past the real vocabulary (never in the data, never sampled): zeros
+        wte = torch.cat([wte, wte.new_zeros(config.padded_vocab_size - config.vocab_size, wte.shape[1])])
+    state["transformer.wte.weight"] = state["lm_head.weight"] = wte  # one tensor: the two are tied
+    return state
+
+
+def pretrained_tokenizer(spec: str) -> Tokenizer:
+    """The tokenizer.json of a GPT-2 folder or hf:NAME (see resolve_pretrained): the model's own tokenizer."""
+    from nanogpt.bpe import SubwordTokenizer
+
+    folder = resolve_pretrained(spec)
+    if not (folder / "tokenizer.json").is_file():
+        raise NanoGPTError(f"{spec} holds no tokenizer.json, so its text cannot be encoded; add the tokenizer "
+                           "transformers saved with the model (save_pretrained of a fast tokenizer)")
+    return SubwordTokenizer.from_path(str(folder))
+
+
+# the model.* settings a pretrained folder fixes (vocab_size comes with its tokenizer, block_size may be cropped)
+PRETRAINED_FIELDS = ("n_layer", "n_head", "n_embd", "activation", "bias")
+
+
+def weights_have_bias(folder: Path) -> bool:
+    """Whether the folder's weights hold a non-zero bias (see _has_bias); safetensors read only the biases."""
+    from safetensors import safe_open
+
+    files = _weight_files(folder)
+    if all(f.suffix == ".safetensors" for f in files):
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                if _has_bias({k: st.get_tensor(k) for k in st.keys() if k.endswith(".bias")}):
+                    return True
+        return False
+    return _has_bias(read_gpt2_weights(folder))
+
+
+def pretrained_settings(spec: str, user_set: dict[str, Any]) -> dict[str, Any]:
+    """The model.* values of a run that starts from spec: the folder's shape, and block_size its n_positions
+    unless set lower. A value in user_set (the settings a user gave) that differs is an error listing them all."""
+    folder = resolve_pretrained(spec)
+    shape = gpt2_shape(read_gpt2_config(folder), where=str(folder / "config.json"))
+    fixed = {"n_layer": shape.n_layer, "n_head": shape.n_head, "n_embd": shape.n_embd,
+             "activation": shape.activation, "bias": weights_have_bias(folder)}
+    conflicts = [f"model.{k}={user_set[k]!r} (the model has {v!r})" for k, v in fixed.items()
+                 if k in user_set and user_set[k] != v]
+    block_size = user_set.get("block_size", shape.n_positions)
+    if block_size > shape.n_positions:
+        conflicts.append(f"model.block_size={block_size} (at most its n_positions, {shape.n_positions})")
+    if conflicts:
+        raise NanoGPTError(f"--model.init_from {spec} fixes the model's shape, and these settings conflict with it: "
+                           f"{'; '.join(conflicts)}; drop them (a smaller block_size is fine)")
+    return {**fixed, "block_size": block_size}

@@ -1,10 +1,12 @@
 """The encoded-token cache: a corpus's vocabulary and token ids, encoded once and memory-mapped.
 
 The tokens live in ``<cache>/corpus/<what was asked>/<fingerprint>/`` as raw arrays (uint8 when the vocabulary
-has at most 256 characters, else uint16/uint32) that are memory-mapped, never loaded whole. The fingerprint
+has at most 256 tokens, uint16 up to 65,536, else uint32) that are memory-mapped, never loaded whole. The fingerprint
 covers the source files (path, size, mtime), the dataset fingerprint and every option, so a changed file or
 option builds a new entry (replacing the stale one) and anything else is a cache hit. Documents are joined with
-``separator``; empty documents are skipped; one code point is one token.
+``separator``; empty documents are skipped. The tokenizer is characters (one code point, one token: the default),
+a byte-level BPE trained on the training source, or a tokenizer.json / hf:NAME; it is part of the key, so
+changing it re-encodes and repeating it reuses the entry.
 """
 
 from __future__ import annotations
@@ -24,14 +26,16 @@ from typing import Any, Iterator, Literal, Optional
 
 import numpy as np
 
+from nanogpt.bpe import DEFAULT_BPE_VOCAB_SIZE, SubwordTokenizer, encoding_pieces, load_pretrained
 from nanogpt.errors import NanoGPTError
 from nanogpt.sources import CHUNK_CHARS, Advance, Source, cache_root, join_documents, open_source, rechunk
-from nanogpt.tokenizer import CharTokenizer, describe_chars
+from nanogpt.tokenizer import CharTokenizer, Tokenizer, describe_chars, tokenizer_from_dict
 from nanogpt.vocab import load_vocab
 
 CACHE_FORMAT = 1  # bump when the layout of a cache entry changes
 PROGRESS_MIN_BYTES = 50_000_000  # corpora larger than this get a progress bar
 OOV_POLICIES = ("error", "drop", "replace")
+ENCODE_BATCH_CHARS = 1 << 22  # text handed to the subword tokenizer's encode_batch at once (all cores share it)
 
 
 def token_dtype(vocab_size: int) -> type:
@@ -53,7 +57,13 @@ class CorpusConfig:
         separator: put between documents (files, rows); default a blank line.
         val_source: a separate validation corpus (any kind of source); then val_fraction is not used.
         hf_val_split: the split read from val_source when it is hf:NAME or a saved dataset dict.
-        vocab: reuse the vocabulary of a checkpoint, run dir or vocabulary .json (fine-tuning on new text).
+        tokenizer: "char" (one token per character), "bpe" (a byte-level BPE trained on the training source),
+            a tokenizer.json or a folder holding one (e.g. a transformers save_pretrained folder), or "hf:NAME"
+            (a Hugging Face model's tokenizer, from the local cache when it is there).
+        bpe_vocab_size: tokens of the trained BPE with tokenizer="bpe": 256 bytes plus the merges. 2048 suits a
+            corpus of a few MB (tiny-shakespeare: 2.9 bytes per token, and nearly every token seen 20+ times).
+        vocab: reuse the tokenizer of a checkpoint, run dir or vocabulary .json (fine-tuning on new text); it
+            must be of the kind --data.tokenizer names (characters or subwords).
         oov: characters outside a reused vocabulary: "error" (lists them), "drop", or "replace" (oov_replacement).
         oov_replacement: the character that replaces them with oov="replace" (it must be in the vocabulary).
     """
@@ -66,11 +76,15 @@ class CorpusConfig:
     separator: str = "\n\n"
     val_source: Optional[str] = None
     hf_val_split: str = "validation"
+    tokenizer: str = "char"
+    bpe_vocab_size: int = DEFAULT_BPE_VOCAB_SIZE
     vocab: Optional[str] = None
     oov: Literal["error", "drop", "replace"] = "error"
     oov_replacement: Optional[str] = None
 
     def __post_init__(self) -> None:
+        if not self.tokenizer:
+            raise NanoGPTError("data.tokenizer is empty; pass char, bpe, a tokenizer.json or folder, or hf:NAME")
         if self.oov not in OOV_POLICIES:
             raise NanoGPTError(f"data.oov must be one of {', '.join(OOV_POLICIES)}, got {self.oov!r}")
         if self.oov == "replace" and (self.oov_replacement is None or len(self.oov_replacement) != 1):
@@ -84,7 +98,7 @@ class CorpusConfig:
 class EncodedCorpus:
     """An encoded corpus: its vocabulary and token arrays, memory-mapped from the cache."""
 
-    tokenizer: CharTokenizer
+    tokenizer: Tokenizer
     train: np.ndarray  # (N,) token ids of source
     val: Optional[np.ndarray]  # (M,) token ids of val_source, or None
     path: Path  # the cache entry
@@ -116,17 +130,36 @@ def _chunks(source: Source, separator: str, advance: Advance, chunk_chars: int) 
     return rechunk(join_documents(source.documents(advance, chunk_chars), separator), chunk_chars)
 
 
+def subword_batches(chunks: Iterator[str | bytes], tokenizer: Tokenizer, dtype: Any) -> Iterator[np.ndarray]:
+    """The ids of a stream of text, ENCODE_BATCH_CHARS at a time: pieces cut where the ids stay those of the
+    whole text (see encoding_pieces), each batch encoded in parallel by the Rust tokenizer."""
+    batch: list[str] = []
+    size = 0
+    for piece in encoding_pieces(chunks):
+        batch.append(piece)
+        size += len(piece)
+        if size >= ENCODE_BATCH_CHARS:
+            yield tokenizer.encode_batch(batch, dtype)
+            batch, size = [], 0
+    if batch:
+        yield tokenizer.encode_batch(batch, dtype)
+
+
 def _encode_to_file(
-    source: Source, tokenizer: CharTokenizer, config: CorpusConfig, path: Path, progress: Advance, chunk_chars: int
+    source: Source, tokenizer: Tokenizer, config: CorpusConfig, path: Path, progress: Advance, chunk_chars: int
 ) -> tuple[int, Counter]:
     """Streams source through the tokenizer into path (raw ids); returns the token count and the unknown chars."""
     dtype = token_dtype(tokenizer.vocab_size)
     replacement = config.oov_replacement if config.oov == "replace" else None
     unknown: Counter = Counter()
     n = 0
+    chunks = _chunks(source, config.separator, progress, chunk_chars)
+    if tokenizer.kind == "char":
+        encoded = (tokenizer.encode_known(chunk, dtype, replacement) for chunk in chunks)
+    else:  # a subword tokenizer encodes any text (byte-level): nothing is unknown
+        encoded = ((ids, Counter()) for ids in subword_batches(chunks, tokenizer, dtype))
     with open(path, "wb") as f:
-        for chunk in _chunks(source, config.separator, progress, chunk_chars):
-            ids, bad = tokenizer.encode_known(chunk, dtype, replacement)
+        for ids, bad in encoded:
             unknown.update(bad)
             if config.oov == "error" and unknown:
                 continue  # keep reading only to list every unknown character with its count
@@ -162,7 +195,7 @@ def _load_entry(entry: Path, key: str) -> Optional[EncodedCorpus]:
         meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
         if meta.get("key") != key:
             return None
-        tokenizer = CharTokenizer.from_dict(meta["tokenizer"])
+        tokenizer = tokenizer_from_dict(meta["tokenizer"])
         train = _open_tokens(entry / "train.bin", meta["dtype"], meta["train_tokens"])
         val = None
         if meta["val_tokens"] is not None:
@@ -219,13 +252,34 @@ def build_vocabulary(
     return tokenizer
 
 
+def train_bpe(
+    source: Source, config: CorpusConfig, chunk_chars: int = CHUNK_CHARS, progress_min_bytes: int = PROGRESS_MIN_BYTES
+) -> SubwordTokenizer:
+    """A byte-level BPE of config.bpe_vocab_size tokens trained on the training source, read as a stream."""
+    progress = _Progress(source.size, "bpe", progress_min_bytes)
+    tokenizer = SubwordTokenizer.train(_chunks(source, config.separator, progress, chunk_chars), config.bpe_vocab_size)
+    progress.close()
+    return tokenizer
+
+
+def check_tokenizer_kind(config: CorpusConfig, given: Tokenizer) -> None:
+    """--data.vocab must hold the kind of tokenizer --data.tokenizer asks for (characters or subwords)."""
+    wanted = "char" if config.tokenizer == "char" else "subword"
+    if given.kind != wanted:
+        raise NanoGPTError(
+            f"--data.vocab {config.vocab} holds a {given.kind} tokenizer ({given.describe()}) but --data.tokenizer is "
+            f"{config.tokenizer}; pass --data.tokenizer {'char' if given.kind == 'char' else 'bpe'} to reuse it, "
+            "or drop --data.vocab"
+        )
+
+
 def _build_entry(
     entry: Path,
     key: str,
     config: CorpusConfig,
     train_src: Source,
     val_src: Optional[Source],
-    given: Optional[CharTokenizer],
+    given: Optional[Tokenizer],
     chunk_chars: int,
     progress_min_bytes: int,
 ) -> None:
@@ -236,8 +290,12 @@ def _build_entry(
     tmp = entry.parent / f".tmp-{key[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        tokenizer = given if given is not None else build_vocabulary(sources, config, chunk_chars, progress_min_bytes)
-        if config.oov == "replace" and config.oov_replacement not in tokenizer.chars:
+        tokenizer = given
+        if tokenizer is None and config.tokenizer == "bpe":
+            tokenizer = train_bpe(train_src, config, chunk_chars, progress_min_bytes)
+        elif tokenizer is None:
+            tokenizer = build_vocabulary(sources, config, chunk_chars, progress_min_bytes)
+        if config.oov == "replace" and isinstance(tokenizer, CharTokenizer) and config.oov_replacement not in tokenizer.chars:
             raise NanoGPTError(
                 f"--data.oov_replacement {config.oov_replacement!r} is not in the vocabulary; pick a character that is"
             )
@@ -296,10 +354,17 @@ def prepare_corpus(
     reading = dict(glob=config.glob, text_column=config.text_column, hf_config=config.hf_config, cache_dir=cache_dir)
     train_src = open_source(config.source, config.hf_split, **reading)
     val_src = open_source(config.val_source, config.hf_val_split, **reading) if config.val_source else None
-    given = load_vocab(config.vocab) if config.vocab else None
-    options = [config.separator, config.oov, config.oov_replacement]
+    given: Optional[Tokenizer] = None
+    if config.vocab:
+        given = load_vocab(config.vocab)
+        check_tokenizer_kind(config, given)
+    elif config.tokenizer not in ("char", "bpe"):
+        given = load_pretrained(config.tokenizer)  # a file or hf:NAME: small, read before the cache lookup
+    options = [config.separator, config.oov, config.oov_replacement, config.tokenizer]
+    if config.tokenizer == "bpe":
+        options.append(config.bpe_vocab_size)
     identity = _key(CACHE_FORMAT, train_src.identity, val_src and val_src.identity, config.vocab, options)
-    key = _key(identity, train_src.stamp, val_src and val_src.stamp, given and given.chars)
+    key = _key(identity, train_src.stamp, val_src and val_src.stamp, given and given.to_dict())
     base = cache_root(cache_dir) / "corpus" / identity[:16]
     entry = base / key[:16]
     cached = _load_entry(entry, key)

@@ -1,9 +1,10 @@
-"""Character-level tokenizer: one token per Unicode code point of the training corpus."""
+"""Tokenizers: the character-level one (one token per Unicode code point of the corpus, the default) and the
+interface it shares with the subword tokenizers of nanogpt.bpe."""
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -34,8 +35,48 @@ UNICODE_SIZE = 0x110000  # code points 0..U+10FFFF
 _UNKNOWN_BYTE = 0xFF  # marks an unknown ASCII character after bytes.translate: ASCII ids are always < 128
 
 
+class StreamDecoding(Protocol):
+    def step(self, token_id: int) -> str: ...
+
+
+class Tokenizer(Protocol):
+    """What the data, training, sampling and export layers use of a tokenizer (char or subword)."""
+
+    kind: str  # "char" or "subword": the "type" of its to_dict()
+
+    @property
+    def vocab_size(self) -> int: ...
+    def describe(self) -> str: ...
+    def to_dict(self) -> dict[str, Any]: ...
+    def encode(self, text: str, dtype: Any = np.int64) -> np.ndarray: ...
+    def encode_batch(self, texts: Sequence[str | bytes], dtype: Any = np.int64) -> np.ndarray: ...
+    def encode_known(
+        self, text: str | bytes, dtype: Any = np.int64, replacement: Optional[str] = None
+    ) -> tuple[np.ndarray, Counter]: ...
+    def unknown_chars(self, text: str) -> Counter: ...
+    def decode(self, ids: Iterable[int] | np.ndarray) -> str: ...
+    def stream_decoder(self, prompt_ids: Sequence[int] = ()) -> StreamDecoding: ...
+    def token_bytes(self) -> Optional[np.ndarray]: ...
+
+
+def tokenizer_from_dict(d: Any) -> Tokenizer:
+    """The tokenizer stored in a checkpoint or cache entry (its to_dict() form), of whichever kind."""
+    if isinstance(d, dict) and d.get("type") == "subword":
+        from nanogpt.bpe import SubwordTokenizer  # the `tokenizers` library only when a model uses it
+
+        return SubwordTokenizer.from_dict(d)
+    return CharTokenizer.from_dict(d)
+
+
+def byte_length(text: str | bytes) -> int:
+    """Length of text in UTF-8 bytes: the denominator of bits per byte."""
+    return len(text) if isinstance(text, bytes) else len(text.encode("utf-8"))
+
+
 class CharTokenizer:
     """Maps each character of a fixed, sorted vocabulary to its index."""
+
+    kind = "char"
 
     def __init__(self, chars: Sequence[str]) -> None:
         chars = list(chars)
@@ -93,6 +134,9 @@ class CharTokenizer:
 
     def __repr__(self) -> str:
         return f"CharTokenizer(vocab_size={self.vocab_size})"
+
+    def describe(self) -> str:
+        return f"char ({self.vocab_size} characters)"
 
     def unknown_chars(self, text: str) -> Counter:
         """Characters of text that are not in the vocabulary, with their counts."""
@@ -168,6 +212,28 @@ class CharTokenizer:
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise NanoGPTError(f"token ids must be in [0, {self.vocab_size}), got {ids.min()}..{ids.max()}")
         return self._codes[ids].astype("<u4").tobytes().decode("utf-32-le")
+
+    def encode_batch(self, texts: Sequence[str | bytes], dtype: Any = np.int64) -> np.ndarray:
+        """The ids of texts, concatenated (each character one token, so chunking never changes them)."""
+        parts = [self.encode(t.decode("utf-8") if isinstance(t, bytes) else t, dtype) for t in texts]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+    def stream_decoder(self, prompt_ids: Sequence[int] = ()) -> "CharStreamDecoder":
+        return CharStreamDecoder(self)
+
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes of each character, (vocab_size,) int64, for bits per byte."""
+        return np.array([len(c.encode("utf-8")) for c in self.chars], dtype=np.int64)
+
+
+class CharStreamDecoder:
+    """Every character token is a whole character: decoding one at a time is exact."""
+
+    def __init__(self, tokenizer: CharTokenizer) -> None:
+        self._tokenizer = tokenizer
+
+    def step(self, token_id: int) -> str:
+        return self._tokenizer.decode([token_id])
 
 
 def describe_chars(counts: Counter, limit: int = 20) -> str:

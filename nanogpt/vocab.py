@@ -1,4 +1,4 @@
-"""Reused vocabularies (--data.vocab): the character vocabulary of a checkpoint, a run dir or a .json file.
+"""Reused vocabularies (--data.vocab): the tokenizer (characters or subwords) of a checkpoint, a run dir or a .json file.
 
 Fine-tuning on new text keeps the vocabulary the model was trained with instead of building one from the text.
 """
@@ -10,14 +10,14 @@ from pathlib import Path
 
 from nanogpt.checkpoint import resolve_checkpoint
 from nanogpt.errors import NanoGPTError, first_line
-from nanogpt.tokenizer import CharTokenizer
+from nanogpt.tokenizer import Tokenizer, tokenizer_from_dict
 
 
-def load_vocab(path: str) -> CharTokenizer:
+def load_vocab(path: str) -> Tokenizer:
     """The vocabulary stored in a checkpoint, a run dir (its best, else last, checkpoint) or a .json file.
 
-    A .json file holds a tokenizer dict ({"type": "char", "chars": [...]}) or an object with one under
-    "tokenizer" (as a corpus cache entry's meta.json does).
+    A .json file holds a tokenizer dict ({"type": "char", "chars": [...]}, or {"type": "subword", "json": ...})
+    or an object with one under "tokenizer" (as a corpus cache entry's meta.json does).
     """
     p = Path(path).expanduser()
     if p.suffix.lower() == ".json" and p.is_file():
@@ -28,7 +28,7 @@ def load_vocab(path: str) -> CharTokenizer:
         if isinstance(d, dict) and "tokenizer" in d:
             d = d["tokenizer"]
         try:
-            return CharTokenizer.from_dict(d)
+            return tokenizer_from_dict(d)
         except NanoGPTError as e:
             raise NanoGPTError(f"vocabulary file {path}: {e}") from None
     if not p.exists():
@@ -42,4 +42,7 @@ def load_vocab(path: str) -> CharTokenizer:
         raise NanoGPTError(f"--data.vocab {file} is not a readable checkpoint ({first_line(e)})") from None
     if not isinstance(ckpt, dict) or "tokenizer" not in ckpt:
         raise NanoGPTError(f"--data.vocab {file}: the checkpoint stores no vocabulary; pass one written by train.py")
-    return CharTokenizer.from_dict(ckpt["tokenizer"])
+    try:
+        return tokenizer_from_dict(ckpt["tokenizer"])
+    except NanoGPTError as e:
+        raise NanoGPTError(f"--data.vocab {file}: {e}") from None

@@ -14,7 +14,7 @@ from nanogpt.evaluate import main, sliding_windows
 from nanogpt.export import export
 from nanogpt.generate import load_checkpoint
 from tests.conftest import REPO, TINY_CONFIG, assert_user_error, read_scalars, run_main, run_script
-from tests.test_pretrained import write_hub_cache
+from tests.test_pretrained import folders, hf_model, hf_tokenizer, write_hub_cache  # noqa: F401 (fixtures)
 
 
 def figures(result) -> dict:
@@ -117,6 +117,22 @@ def test_a_model_and_its_export_give_the_same_figures(random_checkpoint, text_fi
     hub = figures(run_main(main, capsys, "--ckpt", "hf:someone/tiny-char", "--source", text_file))
     for out in (exported, hub):
         assert (out["loss"], out["bpb"], out["tokens"]) == (ours["loss"], ours["bpb"], ours["tokens"])
+
+
+def test_a_gpt2_folder_gives_the_loss_transformers_computes(folders, hf_model, hf_tokenizer, text_file,  # noqa: F811
+                                                            capsys):
+    k, T = 6, 64  # 6 whole windows of GPT-2's context
+    out = figures(run_main(main, capsys, "--ckpt", folders["safetensors"], "--source", text_file, "--max_tokens",
+                           k * T + 1))
+    ids = torch.as_tensor(hf_tokenizer(text_file.read_text())["input_ids"][: k * T + 1])
+    with torch.no_grad():
+        logits = hf_model(ids[:-1].view(k, T)).logits  # (k, T, vocab)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[1:]).item()
+    assert out["windows"] == k and out["tokens"] == k * T and abs(out["loss"] - loss) < 1e-5
+    # bits per byte: the bytes of the scored tokens (the text is ASCII, so decoding them gives those bytes)
+    assert out["bytes"] == len(hf_tokenizer.decode(ids[1:]).encode("utf-8")) > out["tokens"]
+    assert out["bpb"] == pytest.approx(out["loss"] * out["tokens"] / math.log(2) / out["bytes"])
+    assert "bpc" not in out
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ from tests.conftest import TINY_CONFIG, assert_user_error, read_scalars, run_scr
 TOKENS_PER_STEP = 16 * 32  # tiny.yaml: batch 16 x block 32, one device, no accumulation
 PROMPT, SAMPLE_TOKENS = "ROMEO:", 60
 TRAIN_TAGS = ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/tokens_seen", "train/mfu")
-VAL_TAGS = ("val/loss", "val/ppl", "val/bpc")
+VAL_TAGS = ("val/loss", "val/ppl", "val/bpc", "val/bpb")
 
 
 def free_port() -> int:
