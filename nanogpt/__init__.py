@@ -1,4 +1,4 @@
-"""nanogpt: train character-level GPT language models with PyTorch Lightning.
+"""nanogpt: train GPT language models from scratch with PyTorch Lightning, on characters or subword tokens.
 
 The network and tokenizer import without Lightning; the training parts live in
 nanogpt.module (LightningModule), nanogpt.data (LightningDataModule) and nanogpt.cli (LightningCLI).
