@@ -40,6 +40,7 @@ from nanogpt.distributed import apply_ddp_defaults
 from nanogpt.errors import NanoGPTError
 from nanogpt.fault import FaultTolerance, TrainingInterrupted
 from nanogpt.module import GPTModule
+from nanogpt.pretrained import PRETRAINED_FIELDS, pretrained_settings
 from nanogpt.lightning_private import TESTED_LIGHTNING_VERSIONS, is_tested_lightning
 from nanogpt.loggers import RunCSVLogger, RunTensorBoardLogger
 from nanogpt.metrics import TrainingMonitor
@@ -166,8 +167,23 @@ class GPTLightningCLI(LightningCLI):
         self.ckpt_path = resolve_ckpt_path(config.ckpt_path, Path(trainer.default_root_dir))
         if self.ckpt_path is not None:
             self.resume_step = int(read_checkpoint(self.ckpt_path, mmap=True)["global_step"])
+        if config.model.init_from:
+            self._shape_from_pretrained(config)
         if torch.cuda.is_available():
             torch.set_float32_matmul_precision("high")  # TF32 matmuls: free speed on Ampere and newer
+
+    def _shape_from_pretrained(self, config: Any) -> None:
+        """--model.init_from: the model's shape and the data's tokenizer are the pretrained folder's."""
+        model, defaults = config.model, self.parser.get_defaults()
+        spec = model.init_from
+        user_set = {k: model[k] for k in (*PRETRAINED_FIELDS, "block_size") if model[k] != defaults.model[k]}
+        for name, value in pretrained_settings(spec, user_set).items():
+            model[name] = value
+        config.data.block_size = model.block_size
+        if config.data.tokenizer not in (defaults.data.tokenizer, spec):
+            raise NanoGPTError(f"--model.init_from {spec} brings its own tokenizer, but --data.tokenizer is "
+                               f"{config.data.tokenizer}; drop --data.tokenizer")
+        config.data.tokenizer = spec
 
     def instantiate_trainer(self, **kwargs: Any):
         config = self.config_init  # no subcommands: the sections sit at the top

@@ -27,11 +27,11 @@ import torch
 from nanogpt.errors import ArgumentParser, NanoGPTError
 from nanogpt.generate import load_checkpoint
 from nanogpt.model import GPT, GPTConfig
+from nanogpt.pretrained import ACTIVATIONS_TO_GPT2, to_gpt2_state_dict
 from nanogpt.tokenizer import CharTokenizer, Tokenizer
 
 # the GPTConfig fields this exporter maps; any other field is a model option GPT-2 may not have
 MAPPED_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "activation")
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def check_exportable(config: GPTConfig) -> None:
@@ -57,7 +57,7 @@ def gpt2_config(config: GPTConfig, eos_token_id: Optional[int] = None) -> dict:
         "n_head": config.n_head,
         "n_inner": 4 * config.n_embd,
         # transformers' "gelu" is the exact erf GELU of nn.GELU(); its GPT-2 default "gelu_new" is the tanh one
-        "activation_function": config.activation,
+        "activation_function": ACTIVATIONS_TO_GPT2[config.activation],
         "resid_pdrop": config.dropout,
         "embd_pdrop": config.dropout,
         "attn_pdrop": config.dropout,
@@ -74,13 +74,7 @@ def gpt2_config(config: GPTConfig, eos_token_id: Optional[int] = None) -> dict:
 
 def gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """Our weights under GPT-2's names and layouts. The tied lm_head is stored once, as transformer.wte."""
-    out = {}
-    for name, p in model.state_dict().items():
-        if name == "lm_head.weight":
-            continue  # tied to transformer.wte.weight; transformers re-ties it on load
-        if name == "transformer.wte.weight":
-            p = p[: model.config.vocab_size]  # (vocab, C): the padding rows are never used
-        out[name] = p.t() if name.endswith(CONV1D) else p  # Linear (out, in) -> Conv1D (in, out)
+    out = to_gpt2_state_dict(model.state_dict(), model.config.vocab_size)
     if not model.config.bias:
         # GPT-2 always has biases: zero ones compute exactly what no bias does
         C = model.config.n_embd

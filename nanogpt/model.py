@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-ACTIVATIONS = ("gelu", "relu")
+# "gelu" is the exact (erf) GELU; "gelu_tanh" its tanh approximation, GPT-2's own ("gelu_new" in transformers)
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
 # subword vocabularies are padded to a multiple of this for faster matmuls (nanoGPT: GPT-2's 50257 -> 50304)
 VOCAB_MULTIPLE = 64
 # up to this size (characters, bytes) the head is a negligible share of the work and stays unpadded, so a char
@@ -34,7 +35,7 @@ class GPTConfig:
     n_embd: int = 384
     dropout: float = 0.2
     bias: bool = True  # biases in Linear and LayerNorm layers, as in GPT-2
-    activation: str = "gelu"  # feed-forward non-linearity: "gelu" or "relu"
+    activation: str = "gelu"  # feed-forward non-linearity: "gelu", "gelu_tanh" or "relu"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -136,7 +137,10 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.act = nn.GELU() if config.activation == "gelu" else nn.ReLU()
+        if config.activation == "relu":
+            self.act: nn.Module = nn.ReLU()
+        else:
+            self.act = nn.GELU(approximate="tanh" if config.activation == "gelu_tanh" else "none")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 

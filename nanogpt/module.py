@@ -25,6 +25,7 @@ from nanogpt.optim import (
     build_schedule,
     parameter_roles,
 )
+from nanogpt.pretrained import load_pretrained_weights
 from nanogpt.steps import is_logging_step
 from nanogpt.tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
 
@@ -60,6 +61,8 @@ class GPTModule(L.LightningModule):
             cool-down to min_lr over the last cooldown_fraction of decay_steps).
         cooldown_fraction: the share of decay_steps the "wsd" cool-down takes.
         compile: compile the inner model with torch.compile.
+        init_from: start from pretrained weights: a Hugging Face GPT-2 folder or hf:NAME (the shape must be the
+            folder's; the CLI takes it from there). Loaded when fit starts; a resumed run keeps its checkpoint's.
     """
 
     def __init__(
@@ -71,7 +74,7 @@ class GPTModule(L.LightningModule):
         n_embd: int = 384,
         dropout: float = 0.2,
         bias: bool = True,
-        activation: Literal["gelu", "relu"] = "gelu",
+        activation: Literal["gelu", "gelu_tanh", "relu"] = "gelu",
         learning_rate: float = 1e-3,
         min_lr: float = 1e-4,
         warmup_steps: int = 100,
@@ -86,6 +89,7 @@ class GPTModule(L.LightningModule):
         muon_weight_decay: float = 0.0,
         schedule: ScheduleName = "cosine",
         cooldown_fraction: float = 0.2,
+        init_from: Optional[str] = None,
     ) -> None:
         super().__init__()
         # LightningCLI adds `_instantiator`, an import path that load_from_checkpoint would import: hyperparameters
@@ -252,6 +256,9 @@ class GPTModule(L.LightningModule):
             self.model.compile(dynamic=False)
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.init_from:
+            # every rank reads the same files; when resuming, Lightning then puts the checkpoint's weights over these
+            load_pretrained_weights(self.model, self.hparams.init_from)
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "tokenizer"):
             self._set_tokenizer(datamodule.tokenizer)
