@@ -222,7 +222,7 @@ def _train(run: Path, cache: Path, *extra, max_steps: int = 10):
 def _wait_for_checkpoint(run: Path, proc: subprocess.Popen) -> None:
     def saved() -> bool:
         assert proc.poll() is None, proc.stderr.read()[-3000:]
-        return (run / "checkpoints" / "step-00000005.ckpt").exists()
+        return (run / "checkpoints" / "last.ckpt").exists()  # written atomically, after the step files
 
     _wait(saved, "the first checkpoint")
 
