@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 to serve the network)")
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
-    p.add_argument("--max_length", type=int, default=2000, help="the most characters one request may generate")
+    p.add_argument("--max_length", type=int, default=2000, help="the most tokens one request may generate")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p
 

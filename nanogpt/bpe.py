@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from nanogpt.errors import NanoGPTError
+from nanogpt.errors import NanoGPTError, first_line
 
 # 2048 suits a corpus of a few MB: on tiny-shakespeare (1.1 MB) it gives 2.9 bytes per token (characters: 1.0),
 # so a 256-token context spans about 740 characters, and nearly every merge still occurs 20+ times, so its
@@ -41,8 +41,8 @@ class SubwordTokenizer:
     def __init__(self, tokenizer: Any, source: str) -> None:
         self.tokenizer = tokenizer
         self.source = source  # how it was made: "bpe:2048" (trained), a path, or "hf:NAME"
-        spec = json.loads(tokenizer.to_str())
-        self._json = tokenizer.to_str()
+        self._json = tokenizer.to_str()  # over 1 MB for GPT-2's: serialised once
+        spec = json.loads(self._json)
         # byte-level: every token is a string of byte symbols, so any text encodes and each token has a byte length
         self.byte_level = (spec.get("decoder") or {}).get("type") == "ByteLevel"
         self._added = {t["id"]: t["content"] for t in spec.get("added_tokens", [])}
@@ -88,7 +88,7 @@ class SubwordTokenizer:
             tok = _tokenizers().Tokenizer.from_str(text)
         except Exception as e:  # the Rust side raises a plain Exception on any malformed file
             raise NanoGPTError(
-                f"{source} is not a Hugging Face tokenizer.json ({_first_line(e)}); pass a tokenizer.json, "
+                f"{source} is not a Hugging Face tokenizer.json ({first_line(e)}); pass a tokenizer.json, "
                 "a folder holding one, or hf:NAME"
             ) from None
         return cls(tok, source)
@@ -110,7 +110,7 @@ class SubwordTokenizer:
         try:
             text = file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise NanoGPTError(f"{file} is not a readable tokenizer.json ({_first_line(e)})") from None
+            raise NanoGPTError(f"{file} is not a readable tokenizer.json ({first_line(e)})") from None
         return cls.from_json(text, str(file.resolve()))
 
     @classmethod
@@ -127,7 +127,7 @@ class SubwordTokenizer:
                 file = hf_hub_download(name, "tokenizer.json")
             except Exception as e:
                 raise NanoGPTError(
-                    f"could not load the tokenizer of Hugging Face model {name!r} ({_first_line(e)}); check the "
+                    f"could not load the tokenizer of Hugging Face model {name!r} ({first_line(e)}); check the "
                     "name, and without a network that its tokenizer.json is in the local Hugging Face cache"
                 ) from None
         return cls.from_json(Path(file).read_text(encoding="utf-8"), f"hf:{name}")
@@ -267,7 +267,3 @@ def _last_safe_cut(text: str, lo: int, hi: int) -> int:
         end = nl
     return hi
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -1,4 +1,4 @@
-"""Character data: a corpus encoded once into a memory-mapped cache (nanogpt.token_cache), served as blocks.
+"""Training data: a corpus encoded once into a memory-mapped cache (nanogpt.token_cache), served as blocks.
 
 Training batches are a pure function of (seed, global rank, world size, step): ranks never draw the same
 blocks and a resumed run continues the very same sequence. Validation uses a fixed set of blocks.
@@ -131,7 +131,7 @@ class FixedBlocks(IterableDataset):
 
 
 class CharDataModule(L.LightningDataModule):
-    """Character-level text for GPT training.
+    """Text for GPT training, as characters or subword tokens (see CorpusConfig.tokenizer).
 
     Args:
         batch_size: the global batch: sequences per optimizer step, summed over all devices and accumulation

@@ -19,8 +19,8 @@ from torch.nn import functional as F
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
 # subword vocabularies are padded to a multiple of this for faster matmuls (nanoGPT: GPT-2's 50257 -> 50304)
 VOCAB_MULTIPLE = 64
-# up to this size (characters, bytes) the head is a negligible share of the work and stays unpadded, so a char
-# model's first loss is still ln(vocab_size), as the lecture checks
+# up to this size (characters, bytes) the head is a negligible share of the work and stays unpadded: a char
+# model keeps the lecture's parameter count and initial weights
 UNPADDED_VOCAB = 256
 
 

@@ -41,7 +41,7 @@ def _plain_name(name: str) -> str:
 
 
 class GPTModule(L.LightningModule):
-    """Trains a character-level GPT.
+    """Trains a GPT (on characters or subword tokens).
 
     Args:
         vocab_size: number of tokens; linked from the data by the CLI.
