@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 
 from nanogpt.checkpoint import remove_stale_temp_files
 from nanogpt.errors import NanoGPTError
+from nanogpt.steps import ends_optimizer_step
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -101,9 +102,14 @@ class LastCheckpoint(Checkpoint):
         trainer.save_checkpoint(self.filepath, weights_only=False)  # on every rank: a collective under DDP
         self._saved_step = trainer.global_step
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._saved_step = trainer.global_step  # a resumed run's step is in the file it resumed from
+
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if not ends_optimizer_step(trainer, batch_idx):
+            return  # mid gradient accumulation: the step is not taken yet
         step = trainer.global_step
         if self.every_n_steps and step % self.every_n_steps == 0 and self._saved_step != step:
             self._save(trainer)
