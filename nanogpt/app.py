@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any, Iterator, Optional
 
-from nanogpt.errors import ArgumentParser, NanoGPTError
+from nanogpt.errors import ArgumentParser, NanoGPTError, reported_errors
 from nanogpt.generate import load_checkpoint, pick_device, stream
 from nanogpt.model import GPT
 from nanogpt.tokenizer import Tokenizer
@@ -89,7 +89,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     # before gradio is imported: it reads this at import and would otherwise phone home
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    try:
+    with reported_errors():
         if args.max_length < 1:
             raise NanoGPTError(f"--max_length must be at least 1, got {args.max_length}")
         if not 0 < args.port < 65536:
@@ -99,9 +99,6 @@ def main(argv: Optional[list[str]] = None) -> None:
             import gradio  # noqa: F401  (slow to import: after the quick checks)
         except ImportError:
             raise NanoGPTError('the web demo needs gradio: pip install -e ".[app]"') from None
-    except NanoGPTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     demo = build_demo(model, tokenizer, args.max_length)
     try:
         demo.queue().launch(server_name=args.host, server_port=args.port, share=False, show_error=True)

@@ -37,7 +37,7 @@ from nanogpt.checkpoint import (
 )
 from nanogpt.data import CharDataModule
 from nanogpt.distributed import apply_ddp_defaults
-from nanogpt.errors import NanoGPTError
+from nanogpt.errors import NanoGPTError, exit_with
 from nanogpt.fault import FaultTolerance, TrainingInterrupted
 from nanogpt.module import GPTModule
 from nanogpt.pretrained import PRETRAINED_FIELDS, pretrained_settings
@@ -315,8 +315,7 @@ def main(args: Optional[list[str]] = None) -> None:
         print(f"stopped: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except NanoGPTError as e:  # StorageError (exit 3) included: checkpoint writes report their own failures
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        exit_with(e)
     except ArgumentError as e:
         message = " ".join(str(e).split())  # jsonargparse's messages can span lines
         print(f"error: {message} (see train.py --help for the accepted options)", file=sys.stderr)
@@ -331,5 +330,4 @@ def main(args: Optional[list[str]] = None) -> None:
             raise
         run_dir = Path(cli.trainer.default_root_dir) if cli is not None else None
         error = storage_error(failure, failure.filename, run_dir / "checkpoints" if run_dir else None)
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(error.exit_code)
+        exit_with(error)

@@ -4,7 +4,8 @@ the same way."""
 
 import argparse
 import sys
-from typing import NoReturn
+from contextlib import contextmanager
+from typing import Iterator, NoReturn
 
 
 class NanoGPTError(Exception):
@@ -27,6 +28,21 @@ def first_line(e: BaseException) -> str:
     """The first line of an exception's message (or its type's name): libraries' messages can span many lines."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def exit_with(e: NanoGPTError) -> NoReturn:
+    """Prints ``error: <message>`` to stderr and exits with the error's exit code: an entry point's last word."""
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
+
+
+@contextmanager
+def reported_errors() -> Iterator[None]:
+    """Ends the process with exit_with on a NanoGPTError raised inside (the entry points' main)."""
+    try:
+        yield
+    except NanoGPTError as e:
+        exit_with(e)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from torch.nn import functional as F
 from nanogpt.bpe import encoding_pieces
 from nanogpt.checkpoint import resolve_checkpoint
 from nanogpt.data import CharDataModule, val_block_starts
-from nanogpt.errors import NanoGPTError
+from nanogpt.errors import NanoGPTError, reported_errors
 from nanogpt.generate import load_checkpoint
 from nanogpt.model import GPT
 from nanogpt.pretrained import load_pretrained, pretrained_tokenizer
@@ -257,7 +256,7 @@ def report(result: dict[str, Any]) -> str:
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of nanogpt-eval."""
     args = build_parser().parse_args(argv)
-    try:
+    with reported_errors():
         check_args(args)
         import lightning as L
 
@@ -269,9 +268,6 @@ def main(argv: Optional[list[str]] = None) -> None:
         fabric = L.Fabric(accelerator=accelerator, devices=args.devices, strategy=strategy, precision=args.precision)
         fabric.launch()
         result = evaluate(args, fabric)
-    except NanoGPTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     if fabric.global_rank == 0:
         print(report(result))
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import tempfile
 from dataclasses import fields
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any, Optional
 
 import torch
 
-from nanogpt.errors import ArgumentParser, NanoGPTError
+from nanogpt.errors import ArgumentParser, NanoGPTError, reported_errors
 from nanogpt.generate import load_checkpoint
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.pretrained import ACTIVATIONS_TO_GPT2, to_gpt2_state_dict
@@ -202,11 +201,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--out", required=True, help="the directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
     args = p.parse_args(argv)
-    try:
+    with reported_errors():
         dest = export(args.ckpt, args.out, args.overwrite)
-    except NanoGPTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(f"wrote {dest} (load it with transformers.GPT2LMHeadModel.from_pretrained({str(dest)!r}))")
 
 

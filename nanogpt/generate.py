@@ -8,14 +8,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 
 from nanogpt.checkpoint import resolve_checkpoint, safe_load
-from nanogpt.errors import ArgumentParser, NanoGPTError
+from nanogpt.errors import ArgumentParser, NanoGPTError, reported_errors
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.tokenizer import StreamDecoding, Tokenizer, describe_chars, tokenizer_from_dict
 
@@ -237,7 +236,7 @@ def read_prompt(args: argparse.Namespace) -> str:
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of sample.py and nanogpt-sample."""
     args = build_parser().parse_args(argv)
-    try:
+    with reported_errors():
         check_args(args)
         prompt = read_prompt(args)
         model, tokenizer = load_checkpoint(args.ckpt, pick_device(args.device))
@@ -252,9 +251,6 @@ def main(argv: Optional[list[str]] = None) -> None:
             print()
             return
         texts = sample(model, tokenizer, prompt, **settings)
-    except NanoGPTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     for i, text in enumerate(texts):
         if args.num_samples > 1:
             print(f"---------- sample {i + 1} ----------")
