@@ -98,8 +98,9 @@ class LastCheckpoint(Checkpoint):
         if trainer.is_global_zero:
             remove_stale_temp_files(self.dirpath)
 
-    def _save(self, trainer: L.Trainer) -> None:
-        trainer.save_checkpoint(self.filepath, weights_only=False)  # on every rank: a collective under DDP
+    def save(self, trainer: L.Trainer) -> None:
+        """Writes last.ckpt now (on every rank: a collective under DDP); this step then counts as saved."""
+        trainer.save_checkpoint(self.filepath, weights_only=False)
         self._saved_step = trainer.global_step
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -112,15 +113,15 @@ class LastCheckpoint(Checkpoint):
             return  # mid gradient accumulation: the step is not taken yet
         step = trainer.global_step
         if self.every_n_steps and step % self.every_n_steps == 0 and self._saved_step != step:
-            self._save(trainer)
+            self.save(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
-            self._save(trainer)  # also when saved before this validation: now with its results
+            self.save(trainer)  # also when saved before this validation: now with its results
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._saved_step != trainer.global_step:
-            self._save(trainer)
+            self.save(trainer)
 
 
 def run_checkpoints(dirpath: str, every_n_steps: Optional[int] = None, keep_last_k: int = 2) -> list[Checkpoint]:
@@ -153,11 +154,18 @@ def run_checkpoints(dirpath: str, every_n_steps: Optional[int] = None, keep_last
     return callbacks + [LastCheckpoint(dirpath, every_n_steps)]  # last: after the others have judged the step
 
 
-def last_checkpoint_path(trainer: L.Trainer) -> Optional[str]:
-    """Where the trainer's checkpoint callbacks keep last.ckpt, or None when none writes one."""
+def save_last_checkpoint(trainer: L.Trainer) -> Optional[str]:
+    """Writes the checkpoint `--ckpt_path last` resumes, where the trainer's checkpoint callbacks keep it, now (on
+    every rank: a collective under DDP); returns its path, or None when no callback keeps one.
+
+    Through LastCheckpoint.save when there is one, so that the callback does not write the same step again.
+    """
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, LastCheckpoint):
+            callback.save(trainer)
             return callback.filepath
         if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath:
-            return callback.format_checkpoint_name({}, callback.CHECKPOINT_NAME_LAST)
+            path = callback.format_checkpoint_name({}, callback.CHECKPOINT_NAME_LAST)
+            trainer.save_checkpoint(path, weights_only=False)
+            return path
     return None

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
-from nanogpt.callbacks import last_checkpoint_path
+from nanogpt.callbacks import save_last_checkpoint
 from nanogpt.checkpoint import non_finite_tensors
 from nanogpt.distributed import all_reduce
 from nanogpt.errors import NanoGPTError
@@ -306,9 +306,7 @@ class FaultTolerance(Callback):
         signalled = self.signum is not None
         if self._stopping is None and (self._vote.any_rank(signalled) if self._vote is not None else signalled):
             # the step is complete: checkpoint it here, where Lightning's loop state expects a save
-            path = last_checkpoint_path(trainer)
-            if path is not None:
-                trainer.save_checkpoint(path, weights_only=False)  # every rank takes part (a collective under DDP)
+            path = save_last_checkpoint(trainer)  # every rank takes part (a collective under DDP)
             self._stopping = (self.signum if self.signum is not None else signal.SIGTERM, path)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:

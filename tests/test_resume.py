@@ -658,3 +658,44 @@ def test_resuming_another_runs_checkpoint_in_a_new_dir_judges_its_best_afresh(st
     (val,) = read_scalars(finetuned)["val/loss"]
     assert float(_checkpoint_state(ckpts / "last.ckpt")["best_model_score"]) == pytest.approx(val[1], abs=1e-6)
     assert _files(source) == before
+
+
+def test_a_signal_at_an_every_n_step_writes_last_ckpt_once(shakespeare_text, tmp_path):
+    """The signal's checkpoint of step 5 is also the every-5-steps one: last.ckpt is written once, not twice."""
+    import lightning as L
+
+    from nanogpt.callbacks import run_checkpoints
+    from nanogpt.checkpoint import AtomicCheckpointIO
+    from nanogpt.data import CharDataModule
+    from nanogpt.fault import FaultTolerance, TrainingInterrupted
+    from nanogpt.module import GPTModule
+
+    class CountingIO(AtomicCheckpointIO):
+        def __init__(self):
+            super().__init__()
+            self.saved = []  # (step, file name) of every write
+
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            self.saved.append((checkpoint["global_step"], Path(path).name))
+            super().save_checkpoint(checkpoint, path, storage_options)
+
+    class SignalAt(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 5:  # FaultTolerance's handler is installed: it only notes the signal
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    f = tmp_path / "corpus.txt"
+    f.write_text(shakespeare_text[:20000], encoding="utf-8")
+    dm = CharDataModule(source=str(f), block_size=16, batch_size=4, val_blocks=4, cache_dir=str(tmp_path / "c"))
+    model = GPTModule(vocab_size=dm.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
+    io = CountingIO()
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=20, val_check_interval=100, check_val_every_n_epoch=None, max_epochs=-1,
+        enable_progress_bar=False, enable_model_summary=False, logger=False, default_root_dir=tmp_path / "run",
+        plugins=[io], callbacks=[SignalAt(), FaultTolerance(), *run_checkpoints(str(ckpt_dir), every_n_steps=5)],
+    )
+    with pytest.raises(TrainingInterrupted):
+        trainer.fit(model, datamodule=dm)
+    assert sorted(name for step, name in io.saved if step == 5) == ["last.ckpt", "step-00000005.ckpt"]
+    assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"] == 5
