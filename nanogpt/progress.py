@@ -20,9 +20,28 @@ def format_count(value: float) -> str:
     return f"{value:.0f}"
 
 
+# what the progress displays show of trainer.callback_metrics, in order: tag, short name, format
+SHOWN = (
+    ("train/loss", "loss", lambda v: f"{v:.4f}"),
+    ("val/loss", "val_loss", lambda v: f"{v:.4f}"),
+    ("train/tokens_per_sec", "tok/s", format_count),
+    ("train/mfu", "mfu", lambda v: f"{100 * v:.1f}%"),
+    ("train/lr", "lr", lambda v: f"{v:.2e}"),
+)
+
+
+def shown_metrics(metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    """(short name, formatted value) of each SHOWN metric present, in SHOWN's order."""
+    return [(name, fmt(float(metrics[tag]))) for tag, name, fmt in SHOWN if tag in metrics]
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def step_label(trainer: L.Trainer, step: int) -> str:
+    return f"step {step}/{trainer.max_steps}" if trainer.max_steps > 0 else f"step {step}"
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -54,19 +73,7 @@ class StepProgressBar(TQDMProgressBar):
             bar.refresh()
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        shown = {"train/loss": "loss", "val/loss": "val_loss", "train/tokens_per_sec": "tok/s", "train/mfu": "mfu"}
-        metrics = trainer.callback_metrics
-        out: dict[str, Any] = {}
-        for tag, name in shown.items():
-            if tag in metrics:
-                value = float(metrics[tag])
-                if tag == "train/tokens_per_sec":
-                    out[name] = format_count(value)
-                elif tag == "train/mfu":
-                    out[name] = f"{100 * value:.1f}%"
-                else:
-                    out[name] = f"{value:.4f}"
-        return out
+        return {name: text for name, text in shown_metrics(trainer.callback_metrics) if name != "lr"}
 
 
 class LogLines(Callback):
@@ -108,18 +115,9 @@ class LogLines(Callback):
         if self._pending is None:
             return
         step, self._pending = self._pending, None
-        m = trainer.callback_metrics
-        parts = [f"step {step}/{trainer.max_steps}" if trainer.max_steps > 0 else f"step {step}"]
-        if "train/loss" in m:
-            parts.append(f"loss {float(m['train/loss']):.4f}")
-        if "val/loss" in m:
-            parts.append(f"val_loss {float(m['val/loss']):.4f}")
-        if "train/tokens_per_sec" in m:
-            parts.append(f"{format_count(float(m['train/tokens_per_sec']))} tok/s")
-        if "train/mfu" in m:
-            parts.append(f"mfu {100 * float(m['train/mfu']):.1f}%")
-        if "train/lr" in m:
-            parts.append(f"lr {float(m['train/lr']):.2e}")
+        parts = [step_label(trainer, step)]
+        for name, text in shown_metrics(trainer.callback_metrics):
+            parts.append(f"{text} {name}" if name == "tok/s" else f"{name} {text}")  # "12.3k tok/s": a rate
         elapsed = time.perf_counter() - self._start
         parts.append(f"elapsed {format_duration(elapsed)}")
         done = step - self._start_step
@@ -131,7 +129,7 @@ class LogLines(Callback):
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         m = trainer.callback_metrics
-        parts = [f"step {trainer.global_step}/{trainer.max_steps}" if trainer.max_steps > 0 else f"step {trainer.global_step}"]
+        parts = [step_label(trainer, trainer.global_step)]
         for tag in ("val/loss", "val/ppl", "val/bpc"):
             if tag in m:
                 parts.append(f"{tag} {float(m[tag]):.4f}")
