@@ -29,7 +29,8 @@ SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias
 # Fields whose checkpointed values win on resume (the optimizer state and base LR are restored from the file),
 # so a different value on the command line would be silently ignored: refuse it instead.
 RESTORED_FIELDS = (
-    "learning_rate", "weight_decay", "beta1", "beta2", "optimizer", "muon_lr", "muon_momentum", "muon_weight_decay"
+    "learning_rate", "weight_decay", "beta1", "beta2", "optimizer", "muon_lr", "muon_momentum", "muon_weight_decay",
+    "muon_ns_steps",
 )
 # Step checkpoints are named step-<global step>.ckpt, zero padded so they sort by step.
 STEP_CHECKPOINT = re.compile(r"^step-(\d+)\.ckpt$")

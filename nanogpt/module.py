@@ -57,6 +57,8 @@ class GPTModule(L.LightningModule):
         muon_lr: peak Muon learning rate (with optimizer "muon").
         muon_momentum: Muon's (Nesterov) momentum.
         muon_weight_decay: Muon's decoupled weight decay on the block matrices.
+        muon_ns_steps: Newton-Schulz iterations that orthogonalise each Muon update (torch's default 5; fewer are
+            cheaper per step and a little rougher).
         schedule: "cosine" (warmup, then cosine down to min_lr) or "wsd" (warmup, constant, then a linear
             cool-down to min_lr over the last cooldown_fraction of decay_steps).
         cooldown_fraction: the share of decay_steps the "wsd" cool-down takes.
@@ -87,6 +89,7 @@ class GPTModule(L.LightningModule):
         muon_lr: float = 0.02,
         muon_momentum: float = 0.95,
         muon_weight_decay: float = 0.0,
+        muon_ns_steps: int = 5,
         schedule: ScheduleName = "cosine",
         cooldown_fraction: float = 0.2,
         init_from: Optional[str] = None,
@@ -118,6 +121,7 @@ class GPTModule(L.LightningModule):
             muon_lr=muon_lr,
             muon_momentum=muon_momentum,
             muon_weight_decay=muon_weight_decay,
+            muon_ns_steps=muon_ns_steps,
             schedule=schedule,
             warmup_steps=warmup_steps,
             decay_steps=decay_steps,

@@ -63,6 +63,7 @@ class OptimizerSettings:
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
     muon_weight_decay: float = 0.0
+    muon_ns_steps: int = 5
     schedule: ScheduleName = "cosine"
     warmup_steps: int = 100
     decay_steps: Optional[int] = None
@@ -79,6 +80,8 @@ class OptimizerSettings:
                 f"need model.muon_lr > 0, model.muon_momentum >= 0 and model.muon_weight_decay >= 0, got "
                 f"{self.muon_lr}, {self.muon_momentum} and {self.muon_weight_decay}"
             )
+        if self.muon_ns_steps < 1:
+            raise NanoGPTError(f"model.muon_ns_steps must be at least 1, got {self.muon_ns_steps}")
         if not 0.0 <= self.cooldown_fraction <= 1.0:
             raise NanoGPTError(f"model.cooldown_fraction must be between 0 and 1, got {self.cooldown_fraction}")
 
@@ -169,7 +172,11 @@ def build_optimizer(
             "(FSDP flattens and shards them): use --model.optimizer adamw with FSDP, or DDP"
         )
     muon = torch.optim.Muon(
-        [p for _, p in matrices], lr=s.muon_lr, momentum=s.muon_momentum, weight_decay=s.muon_weight_decay
+        [p for _, p in matrices],
+        lr=s.muon_lr,
+        momentum=s.muon_momentum,
+        weight_decay=s.muon_weight_decay,
+        ns_steps=s.muon_ns_steps,
     )
     return MuonWithAdamW(adamw, muon)
 

@@ -98,9 +98,11 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
                     for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
     assert roles["transformer.wte.weight"] == roles["transformer.wpe.weight"] == "decay"  # the head shares wte
     assert roles["transformer.h.0.ln_1.weight"] == roles["transformer.h.0.attn.c_attn.bias"] == "no_decay"
-    s = OptimizerSettings(optimizer="muon", learning_rate=3e-3, min_lr=3e-4, muon_lr=0.05, warmup_steps=2)
+    s = OptimizerSettings(optimizer="muon", learning_rate=3e-3, min_lr=3e-4, muon_lr=0.05, warmup_steps=2,
+                          muon_ns_steps=4)
     optimizer, scheduler = _setup(model, s, 10)
     assert isinstance(optimizer, MuonWithAdamW) and isinstance(optimizer.muon, torch.optim.Muon)
+    assert optimizer.muon.param_groups[0]["ns_steps"] == 4
     assert optimizer.param_groups == [*optimizer.adamw.param_groups, *optimizer.muon.param_groups]
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     _train(model, optimizer, scheduler, range(2))
@@ -173,6 +175,8 @@ def test_bad_optimizer_settings_are_one_line_errors(tmp_path):
         OptimizerSettings(cooldown_fraction=1.5)
     with pytest.raises(NanoGPTError, match="muon_lr > 0"):
         OptimizerSettings(muon_lr=0.0)
+    with pytest.raises(NanoGPTError, match="muon_ns_steps must be at least 1, got 0"):
+        OptimizerSettings(muon_ns_steps=0)
     result = run_script("train.py", "--config", TINY_CONFIG, "--model.optimizer", "sgd",
                         "--trainer.default_root_dir", tmp_path / "run", cwd=tmp_path)
     assert_user_error(result, "optimizer")

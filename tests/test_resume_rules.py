@@ -56,12 +56,13 @@ def other_vocabulary(tmp_path_factory, shakespeare_text) -> Path:
         ("--model.weight_decay", "0.2", "weight_decay: 0.1 -> 0.2"),
         ("--model.beta1", "0.8", "beta1: 0.9 -> 0.8"),
         ("--model.beta2", "0.95", "beta2: 0.99 -> 0.95"),
+        ("--model.muon_ns_steps", "4", "muon_ns_steps: 5 -> 4"),
         ("--model.block_size", "48", "block_size: 32 -> 48"),
         ("--model.bias", "false", "bias: True -> False"),
         ("--model.activation", "relu", "activation: 'gelu' -> 'relu'"),
         ("--data.source", None, "vocabulary differs"),
     ],
-    ids=["weight_decay", "beta1", "beta2", "block_size", "bias", "activation", "vocabulary"],
+    ids=["weight_decay", "beta1", "beta2", "muon_ns_steps", "block_size", "bias", "activation", "vocabulary"],
 )
 def test_resume_refuses_a_changed_setting_and_names_it(base, other_vocabulary, tmp_path, capsys, flag, value,
                                                        fragment):
