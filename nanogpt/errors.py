@@ -24,6 +24,11 @@ class StorageError(NanoGPTError):
     exit_code = 3
 
 
+class StoppedWithAnotherRank(NanoGPTError):
+    """This process stops because another rank of the run found an error and reports it: exit_with prints
+    nothing here, so a multi-process run shows the error once, from the rank that saw it."""
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (or its type's name): libraries' messages can span many lines."""
     text = str(e).strip()
@@ -32,7 +37,8 @@ def first_line(e: BaseException) -> str:
 
 def exit_with(e: NanoGPTError) -> NoReturn:
     """Prints ``error: <message>`` to stderr and exits with the error's exit code: an entry point's last word."""
-    print(f"error: {e}", file=sys.stderr)
+    if not isinstance(e, StoppedWithAnotherRank):
+        print(f"error: {e}", file=sys.stderr)
     sys.exit(e.exit_code)
 
 

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from nanogpt.callbacks import save_last_checkpoint
 from nanogpt.checkpoint import non_finite_tensors
 from nanogpt.distributed import all_reduce
-from nanogpt.errors import NanoGPTError
+from nanogpt.errors import NanoGPTError, StoppedWithAnotherRank
 from nanogpt.lightning_private import silence_sigterm_broadcast
 from nanogpt.steps import ends_optimizer_step
 
@@ -290,10 +290,13 @@ class FaultTolerance(Callback):
         # after a bad step is saved, and never weights holding NaN or inf
         self._check_finite(trainer, pl_module)
         bad = non_finite_tensors(checkpoint.get("state_dict", {}))
-        if bad:
-            raise NanoGPTError(
-                f"the weights became non-finite at step {trainer.global_step} ({', '.join(bad[:3])}); they were not "
-                "saved. Lower --model.learning_rate, then resume with --ckpt_path last"
+        # every rank decides together: under FSDP a rank holds a shard, or (full state dict) nothing off rank 0,
+        # and a rank that raised alone would leave the others waiting in the save's collectives
+        if trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+            error, where = (NanoGPTError, ", ".join(bad[:3])) if bad else (StoppedWithAnotherRank, "on another rank")
+            raise error(
+                f"the weights became non-finite at step {trainer.global_step} ({where}); they were not saved. Lower "
+                "--model.learning_rate, then resume with --ckpt_path last"
             )
 
     def on_train_batch_end(

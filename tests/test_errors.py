@@ -2,7 +2,14 @@
 
 import pytest
 
-from nanogpt.errors import ArgumentParser, NanoGPTError, StorageError, first_line, reported_errors
+from nanogpt.errors import (
+    ArgumentParser,
+    NanoGPTError,
+    StorageError,
+    StoppedWithAnotherRank,
+    first_line,
+    reported_errors,
+)
 
 
 @pytest.mark.parametrize("error, code", [(NanoGPTError("bad --x; pass 1"), 2), (StorageError("disk full; free"), 3)])
@@ -12,6 +19,13 @@ def test_reported_errors_print_one_line_and_exit_with_the_errors_code(capsys, er
             raise error
     assert exit_info.value.code == code
     assert capsys.readouterr().err == f"error: {error}\n"
+
+
+def test_a_rank_stopped_by_another_ranks_error_exits_without_printing_it(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        with reported_errors():
+            raise StoppedWithAnotherRank("bad weights (on another rank)")
+    assert exit_info.value.code == 2 and capsys.readouterr().err == ""  # the rank that saw it reports it
 
 
 def test_reported_errors_leave_other_exceptions_and_a_clean_exit_alone():
