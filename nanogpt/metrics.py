@@ -5,7 +5,7 @@ TrainingMonitor logs, against the optimizer step (the same step as train/loss an
     on GPUs with a known peak, train/mfu;
   every validation: val/sample, text generated from a fixed prompt (TensorBoard's Text tab);
   once: the hyperparameters (HParams tab, with hparams/final_val_loss and hparams/best_val_loss when training ends),
-    model/num_params and train/global_batch_size;
+    and model/num_params (GPTModule logs the global batch's split as batch/*);
   optionally: weight and gradient histograms.
 """
 
@@ -101,7 +101,6 @@ class TrainingMonitor(Callback):
         self.best_val_loss: Optional[float] = None
         self.last_final_step: Optional[int] = None
         # the current throughput interval: wall time minus validation, and the tokens trained in it
-        self.last_tokens_per_sec: Optional[float] = None
         self._interval_start = 0.0
         self._interval_tokens = 0
         self._paused_at: Optional[float] = None
@@ -189,7 +188,7 @@ class TrainingMonitor(Callback):
             for summary in summaries:
                 writer.add_summary(summary)
         for logger in trainer.loggers:
-            logger.log_metrics({"model/num_params": num_params, "train/global_batch_size": global_batch}, step=0)
+            logger.log_metrics({"model/num_params": num_params}, step=0)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if self._paused_at is not None:  # validation, checkpointing and sampling do not count as training time
@@ -223,10 +222,10 @@ class TrainingMonitor(Callback):
         elapsed = now - self._interval_start - self._paused
         pl_module.log("train/tokens_seen", float(self.tokens_seen))
         if elapsed > 0:
-            self.last_tokens_per_sec = self._interval_tokens / elapsed
-            pl_module.log("train/tokens_per_sec", self.last_tokens_per_sec)
+            tokens_per_sec = self._interval_tokens / elapsed
+            pl_module.log("train/tokens_per_sec", tokens_per_sec)
             if self._peak_flops:
-                mfu = self._flops_per_token * self.last_tokens_per_sec / self._peak_flops
+                mfu = self._flops_per_token * tokens_per_sec / self._peak_flops
                 pl_module.log("train/mfu", mfu)
         grad_norm = getattr(pl_module, "grad_norm", None)  # GPTModule keeps it from its clipping: no second pass
         if grad_norm is not None:

@@ -151,7 +151,7 @@ def test_tensorboard_shows_every_tag_and_a_resumed_run_continues_it(tmp_path):
     with tensorboard_server(run, tmp_path / "tensorboard.log") as tb:
         assert tb.get("/data/runs") == ["."]  # one run: events straight in the run dir
         tags = set(tb.get("/data/plugin/scalars/tags")["."])
-        for tag in TRAIN_TAGS + VAL_TAGS + ("model/num_params", "train/global_batch_size",
+        for tag in TRAIN_TAGS + VAL_TAGS + ("model/num_params", "batch/global",
                                             "hparams/final_val_loss", "hparams/best_val_loss"):
             assert tag in tags, sorted(tags)
         assert "epoch" not in tags  # always 0 in a step-based run; Lightning's copy is dropped
@@ -177,7 +177,7 @@ def test_tensorboard_shows_every_tag_and_a_resumed_run_continues_it(tmp_path):
         assert [v for _, v in tb.scalars("val/bpc")] == pytest.approx([v / math.log(2) for _, v in val], rel=1e-4)
         num_params = GPT(GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=64)).num_params()
         assert tb.scalars("model/num_params") == [(0, num_params)]
-        assert tb.scalars("train/global_batch_size") == [(0, 16)]
+        assert tb.scalars("batch/global") == [(0, 16)]
 
         # the Text tab: the fixed prompt's continuation at each validation, as the model at that step writes it
         texts = tb.texts("val/sample")
@@ -249,7 +249,9 @@ def test_csv_logger_and_progress_bar(tmp_path):
     assert [int(r["step"]) for r in rows if r["val/loss"]] == [19, 39, 59]
     for tag in ("train/grad_norm", "train/tokens_per_sec", "train/tokens_seen", "hparams/final_val_loss"):
         assert any(r[tag] for r in rows), tag
-    assert [float(r["train/global_batch_size"]) for r in rows if r.get("train/global_batch_size")] == [16]
+    # the global batch, logged as each session starts: at step 0 and where the resumed session began
+    batch = [(int(r["step"]), float(r["batch/global"])) for r in rows if r.get("batch/global")]
+    assert batch == [(0, 16), (40, 16)]
     seen = [(int(r["step"]), float(r["train/tokens_seen"])) for r in rows if r["train/tokens_seen"]]
     assert seen == [(s, (s + 1) * TOKENS_PER_STEP) for s in range(9, 60, 10)]  # 2 micro-steps a step, resumed too
     assert "epoch" not in rows[0]
