@@ -2,6 +2,7 @@
 
     python benchmarks/data.py [--sizes_mb 100 2048] [--steps 5] [--workdir /tmp]
     python benchmarks/data.py --tokenizer bpe --text tinyshakespeare.txt [--sizes_mb 100 400]
+    python benchmarks/data.py --tokenizer tokenizer.json --text tinyshakespeare.txt --sizes_mb 100 2048
 
 For each size, writes a generated ASCII corpus into a temporary folder under --workdir, then runs three fresh
 processes (so each peak RSS is its own): encode it into an empty cache, load it again from the cache, and train
@@ -14,6 +15,8 @@ corpus), and the per-size figures. Target: peak RSS of the largest corpus within
 With --tokenizer bpe the corpus is --text tiled to each size (a BPE needs words, not random characters); the
 first pass trains the BPE (--bpe_vocab_size) instead of collecting characters, and bpe_encode_mb_per_s times
 the encoding alone (the Rust tokenizer's batch encoding on all cores; target: at least 5 MB/s on 2 cores).
+With --tokenizer FILE (a tokenizer.json, or a folder holding one: --data.tokenizer's path form) nothing is trained:
+the first pass is the encoding alone, so a 2 GB corpus takes one encoding pass (bpe_encode is not run again).
 """
 
 from __future__ import annotations
@@ -112,18 +115,21 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--sizes_mb", type=int, nargs="+", default=[100, 2048])
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--workdir", default=tempfile.gettempdir())
-    p.add_argument("--tokenizer", choices=["char", "bpe"], default="char")
+    p.add_argument("--tokenizer", default="char", help="char, bpe, or a tokenizer.json (or a folder holding one)")
     p.add_argument("--bpe_vocab_size", type=int, default=2048)
     p.add_argument("--text", type=Path, default=None, help="with --tokenizer bpe: the text tiled into each corpus")
     p.add_argument("--child", choices=["encode", "hit", "train", "bpe_encode"], help=argparse.SUPPRESS)
     p.add_argument("--source", help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    subword = args.tokenizer != "char"
+    if args.tokenizer not in ("char", "bpe"):
+        args.tokenizer = str(Path(args.tokenizer).resolve())  # the children run in other dirs
     tokenizer = {"tokenizer": args.tokenizer}
     if args.tokenizer == "bpe":
         tokenizer["bpe_vocab_size"] = args.bpe_vocab_size
-        if args.text is None and not args.child:
-            p.error("--tokenizer bpe needs --text FILE (e.g. tiny-shakespeare's input.txt), tiled to each size")
+    if subword and args.text is None and not args.child:
+        p.error(f"--tokenizer {args.tokenizer} needs --text FILE (e.g. tiny-shakespeare's input.txt), tiled to each size")
     if args.child:
         print(json.dumps(child(args.child, args.source, args.cache, args.steps, tokenizer)))
         return
@@ -134,7 +140,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         try:
             corpus = work / "corpus.txt"
             start = time.perf_counter()
-            if args.tokenizer == "bpe":
+            if subword:
                 tile_corpus(corpus, mb * 10**6, args.text)
             else:
                 write_corpus(corpus, mb * 10**6)
@@ -142,6 +148,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             encode = run_child("encode", corpus, work / "cache", args.steps, tokenizer)
             hit = run_child("hit", corpus, work / "cache", args.steps, tokenizer)
             train = run_child("train", corpus, work / "cache", args.steps, tokenizer)
+            # a trained BPE's first pass also trains it: time the encoding alone too (a file's first pass is that)
             bpe = run_child("bpe_encode", corpus, work / "cache", args.steps, tokenizer) if args.tokenizer == "bpe" else None
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -155,11 +162,12 @@ def main(argv: Optional[list[str]] = None) -> None:
             "train_steps": train["steps"],
             "train_s": round(train["seconds"], 2),
         }
-        if bpe is not None:
-            sizes[mb].update(bpe_encode_mb_per_s=round(mb / bpe["seconds"], 2),
-                             bpe_encode_mb_per_cpu_s=round(mb / bpe["cpu_seconds"], 2),
-                             peak_rss_mb_bpe_encode=round(bpe["peak_rss_mb"], 1),
-                             bytes_per_token=round(mb * 10**6 / bpe["tokens"], 2))
+        if subword:
+            timed = bpe or encode  # the encoding alone
+            sizes[mb].update(bpe_encode_mb_per_s=round(mb / timed["seconds"], 2),
+                             bpe_encode_mb_per_cpu_s=round(mb / timed["cpu_seconds"], 2),
+                             peak_rss_mb_bpe_encode=round(timed["peak_rss_mb"], 1),
+                             bytes_per_token=round(mb * 10**6 / timed["tokens"], 2))
         print(f"{mb} MB: {json.dumps(sizes[mb])}", file=sys.stderr)
 
     small, large = sizes[min(sizes)], sizes[max(sizes)]
@@ -167,7 +175,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     peak_large = max(large["peak_rss_mb_encode"], large["peak_rss_mb_train"])
     print(json.dumps({
         "tokenizer": args.tokenizer,
-        **({"bpe_encode_mb_per_s": large["bpe_encode_mb_per_s"]} if args.tokenizer == "bpe" else {}),
+        **({"bpe_encode_mb_per_s": large["bpe_encode_mb_per_s"]} if subword else {}),
         "encode_mb_per_s": large["encode_mb_per_s"],
         "encode_mb_per_cpu_s": large["encode_mb_per_cpu_s"],
         "peak_rss_mb_small": peak_small,

@@ -61,6 +61,28 @@ def test_data_encodes_reloads_and_trains_on_a_generated_corpus(benchmarks, capsy
     assert not list(work.iterdir())  # corpus and cache deleted
 
 
+def test_data_with_a_tokenizer_file_times_the_encoding_alone(benchmarks, capsys, shakespeare_path):
+    import data
+
+    from nanogpt.bpe import SubwordTokenizer
+
+    text = shakespeare_path.read_text(encoding="utf-8")
+    tokenizer = SubwordTokenizer.train([text[:200_000]], vocab_size=512)
+    (benchmarks / "tokenizer.json").write_text(tokenizer.tokenizer.to_str(), encoding="utf-8")
+    work = benchmarks / "work"
+    work.mkdir()
+    data.main(["--tokenizer", str(benchmarks / "tokenizer.json"), "--text", str(shakespeare_path), "--sizes_mb", "1",
+               "--steps", "2", "--workdir", str(work)])
+    last = _last_json_line(capsys)
+    size = last["sizes_mb"]["1"]
+    assert size["train_steps"] == 2 and _rate(last["bpe_encode_mb_per_s"])
+    # the first pass was the encoding alone (no BPE trained): its figures are the encoding's
+    assert size["bpe_encode_mb_per_s"] == size["encode_mb_per_s"]
+    tokens = len(tokenizer.encode(text))
+    assert size["bytes_per_token"] == pytest.approx(len(text.encode("utf-8")) / tokens, rel=0.02)
+    assert not list(work.iterdir())
+
+
 @pytest.mark.timeout(1800)  # three train.py processes, slow to start on a loaded machine
 def test_checkpoint_times_save_load_and_an_interrupted_run(benchmarks, capsys):
     import checkpoint
