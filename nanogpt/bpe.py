@@ -162,8 +162,16 @@ class SubwordTokenizer:
 
     def encode_batch(self, texts: Sequence[str | bytes], dtype: Any = np.int64) -> np.ndarray:
         """The ids of texts, concatenated in order; the Rust tokenizer encodes them in parallel on all cores."""
+        return self.ids_array(self.encodings(texts), dtype)
+
+    def encodings(self, texts: Sequence[str | bytes]) -> list[Any]:
+        """The Rust tokenizer's Encoding of each text, encoded in parallel on all cores (without holding the GIL)."""
         texts = [t.decode("utf-8") if isinstance(t, bytes) else t for t in texts]
-        encodings = self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)  # no offsets: faster
+        return self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)  # no offsets: faster
+
+    @staticmethod
+    def ids_array(encodings: Sequence[Any], dtype: Any = np.int64) -> np.ndarray:
+        """The ids of encodings, concatenated in order, (n_tokens,)."""
         parts = [np.asarray(e.ids, dtype=dtype) for e in encodings]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 

@@ -67,6 +67,25 @@ def test_shakespeare_bpe_round_trips_and_compresses(shakespeare_bpe, shakespeare
     assert tok.encode_batch(pieces, np.uint16).dtype == np.uint16
 
 
+def test_the_pipelined_encoding_gives_the_ids_of_the_whole_text_in_order(shakespeare_bpe, shakespeare_text,
+                                                                      monkeypatch):
+    """subword_batches encodes one batch in a worker thread while the last is converted: order and ids hold."""
+    import nanogpt.token_cache as token_cache
+
+    monkeypatch.setattr(token_cache, "ENCODE_BATCH_CHARS", 50_000)  # one 64K piece a batch: 18 batches
+    chunks = iter([shakespeare_text[i : i + 7777] for i in range(0, len(shakespeare_text), 7777)])
+    batches = list(token_cache.subword_batches(chunks, shakespeare_bpe, np.uint16))
+    assert len(batches) > 10 and all(b.dtype == np.uint16 for b in batches)
+    assert np.array_equal(np.concatenate(batches), shakespeare_bpe.encode(shakespeare_text))
+
+    def failing_chunks():
+        yield shakespeare_text[:100_000]
+        raise OSError("the source went away")
+
+    with pytest.raises(OSError, match="went away"):  # a failure while reading ends the pipeline, not a hang
+        list(token_cache.subword_batches(failing_chunks(), shakespeare_bpe, np.uint16))
+
+
 def test_multibyte_text_round_trips_including_unseen_characters(world_bpe):
     tok = world_bpe
     text = world_text(7) + "Unseen: नमस्ते 🦜 Ω\n"
