@@ -65,7 +65,7 @@ def child(task: str, source: str, cache: str, steps: int, tokenizer: dict) -> di
     from nanogpt.token_cache import CorpusConfig, prepare_corpus
 
     if task == "bpe_encode":  # the tokenizer from the cache entry; then the encoding alone, nothing written
-        from nanogpt.token_cache import subword_batches
+        from nanogpt.bpe import subword_batches
 
         tok = prepare_corpus(CorpusConfig(source=source, **tokenizer), cache).tokenizer
         with open(source, encoding="utf-8") as f:

@@ -20,14 +20,13 @@ import time
 import uuid
 import warnings
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
 
 import numpy as np
 
-from nanogpt.bpe import DEFAULT_BPE_VOCAB_SIZE, SubwordTokenizer, encoding_pieces, load_pretrained
+from nanogpt.bpe import DEFAULT_BPE_VOCAB_SIZE, SubwordTokenizer, load_pretrained, subword_batches
 from nanogpt.errors import NanoGPTError
 from nanogpt.sources import CHUNK_CHARS, Advance, Source, cache_root, join_documents, open_source, rechunk
 from nanogpt.tokenizer import CharTokenizer, Tokenizer, describe_chars, tokenizer_from_dict
@@ -36,7 +35,6 @@ from nanogpt.vocab import load_vocab
 CACHE_FORMAT = 1  # bump when the layout of a cache entry changes
 PROGRESS_MIN_BYTES = 50_000_000  # corpora larger than this get a progress bar
 OOV_POLICIES = ("error", "drop", "replace")
-ENCODE_BATCH_CHARS = 1 << 22  # text handed to the subword tokenizer's encode_batch at once (all cores share it)
 
 
 def token_dtype(vocab_size: int) -> type:
@@ -129,39 +127,6 @@ class _Progress:
 
 def _chunks(source: Source, separator: str, advance: Advance, chunk_chars: int) -> Iterator[str | bytes]:
     return rechunk(join_documents(source.documents(advance, chunk_chars), separator), chunk_chars)
-
-
-def _text_batches(chunks: Iterator[str | bytes]) -> Iterator[list[str]]:
-    """Pieces of the stream cut where the ids stay those of the whole text (see encoding_pieces), grouped into
-    batches of about ENCODE_BATCH_CHARS."""
-    batch: list[str] = []
-    size = 0
-    for piece in encoding_pieces(chunks):
-        batch.append(piece)
-        size += len(piece)
-        if size >= ENCODE_BATCH_CHARS:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
-def subword_batches(chunks: Iterator[str | bytes], tokenizer: SubwordTokenizer, dtype: Any) -> Iterator[np.ndarray]:
-    """The ids of a stream of text, one array per batch of about ENCODE_BATCH_CHARS, in order.
-
-    The Rust tokenizer encodes a batch on all cores in a worker thread (it releases the GIL) while this thread turns
-    the batch before into an array, writes it and cuts the next one: 10-14% faster than one after the other on two
-    cores (benchmarks/RESULTS.md). At most two batches are in flight, so memory stays bounded.
-    """
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nanogpt-encode") as pool:
-        pending: Optional[Future] = None
-        for batch in _text_batches(chunks):
-            submitted = pool.submit(tokenizer.encodings, batch)
-            if pending is not None:
-                yield tokenizer.ids_array(pending.result(), dtype)
-            pending = submitted
-        if pending is not None:
-            yield tokenizer.ids_array(pending.result(), dtype)
 
 
 def _encode_to_file(

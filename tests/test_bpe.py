@@ -70,11 +70,11 @@ def test_shakespeare_bpe_round_trips_and_compresses(shakespeare_bpe, shakespeare
 def test_the_pipelined_encoding_gives_the_ids_of_the_whole_text_in_order(shakespeare_bpe, shakespeare_text,
                                                                       monkeypatch):
     """subword_batches encodes one batch in a worker thread while the last is converted: order and ids hold."""
-    import nanogpt.token_cache as token_cache
+    import nanogpt.bpe as bpe
 
-    monkeypatch.setattr(token_cache, "ENCODE_BATCH_CHARS", 50_000)  # one 64K piece a batch: 18 batches
+    monkeypatch.setattr(bpe, "ENCODE_BATCH_CHARS", 50_000)  # one 64K piece a batch: 18 batches
     chunks = iter([shakespeare_text[i : i + 7777] for i in range(0, len(shakespeare_text), 7777)])
-    batches = list(token_cache.subword_batches(chunks, shakespeare_bpe, np.uint16))
+    batches = list(bpe.subword_batches(chunks, shakespeare_bpe, np.uint16))
     assert len(batches) > 10 and all(b.dtype == np.uint16 for b in batches)
     assert np.array_equal(np.concatenate(batches), shakespeare_bpe.encode(shakespeare_text))
 
@@ -83,7 +83,7 @@ def test_the_pipelined_encoding_gives_the_ids_of_the_whole_text_in_order(shakesp
         raise OSError("the source went away")
 
     with pytest.raises(OSError, match="went away"):  # a failure while reading ends the pipeline, not a hang
-        list(token_cache.subword_batches(failing_chunks(), shakespeare_bpe, np.uint16))
+        list(bpe.subword_batches(failing_chunks(), shakespeare_bpe, np.uint16))
 
 
 def test_multibyte_text_round_trips_including_unseen_characters(world_bpe):
