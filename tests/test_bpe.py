@@ -86,6 +86,65 @@ def test_the_pipelined_encoding_gives_the_ids_of_the_whole_text_in_order(shakesp
         list(bpe.subword_batches(failing_chunks(), shakespeare_bpe, np.uint16))
 
 
+def _both_ways(tokenizer, text, monkeypatch) -> tuple:
+    """subword_batches' ids of text with the fast encoder and with `tokenizers` alone."""
+    import nanogpt.bpe as bpe
+
+    monkeypatch.setattr(bpe, "ENCODE_BATCH_CHARS", 50_000)
+    chunks = [text[i : i + 7777] for i in range(0, len(text), 7777)]
+    fast = np.concatenate(list(bpe.subword_batches(iter(chunks), tokenizer, np.uint16)))
+    monkeypatch.setattr(tokenizer, "_fast", None)  # the encoder the tokenizer keeps: none, so `tokenizers` alone
+    slow = np.concatenate(list(bpe.subword_batches(iter(chunks), tokenizer, np.uint16)))
+    monkeypatch.undo()
+    return fast, slow
+
+
+def test_tiktoken_encodes_a_trained_bpe_to_the_same_ids(shakespeare_bpe, world_bpe, shakespeare_text, monkeypatch):
+    assert shakespeare_bpe.fast_encoder() is not None and world_bpe.fast_encoder() is not None
+    fast, slow = _both_ways(shakespeare_bpe, shakespeare_text, monkeypatch)
+    assert np.array_equal(fast, slow) and np.array_equal(fast, shakespeare_bpe.encode(shakespeare_text))
+    # accents, CJK, emoji: merges inside multi-byte characters, and characters the BPE never saw
+    text = world_text(400) + "Ünïcödé ∑ 𝔘𝔫𝔦 ☃ 🧪 never seen\r\n\t tabs  and   spaces\n\n\n"
+    fast, slow = _both_ways(world_bpe, text, monkeypatch)
+    assert np.array_equal(fast, slow) and world_bpe.decode(fast) == text
+
+
+def test_tiktoken_stands_in_for_a_gpt2_folder_and_leaves_added_tokens_to_tokenizers(world_bpe, tmp_path,
+                                                                                   monkeypatch):
+    gpt2_folder(world_bpe, tmp_path / "gpt2tok")
+    tok = SubwordTokenizer.from_path(str(tmp_path / "gpt2tok"))
+    assert tok.fast_encoder() is not None and tok.fast_encoder().added == ("<|endoftext|>",)
+    text = world_text(100) + "<|endoftext|>" + world_text(100)
+    fast, slow = _both_ways(tok, text, monkeypatch)
+    assert np.array_equal(fast, slow)  # the batch holding <|endoftext|> went to `tokenizers`: its own id
+    assert tok.tokenizer.token_to_id("<|endoftext|>") in fast.tolist()
+
+
+def test_other_tokenizers_are_encoded_by_tokenizers_alone(world_bpe, tmp_path, monkeypatch):
+    import tokenizers as tk
+
+    spec = json.loads(world_bpe.tokenizer.to_str())
+    spec["pre_tokenizer"]["add_prefix_space"] = True  # not GPT-2's split: tiktoken cannot stand in
+    other = SubwordTokenizer.from_json(json.dumps(spec), "test")
+    assert other.fast_encoder() is None
+    wordpiece = tk.Tokenizer(tk.models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    wordpiece.pre_tokenizer = tk.pre_tokenizers.Whitespace()
+    assert SubwordTokenizer(wordpiece, "test").fast_encoder() is None
+    fast, slow = _both_ways(other, world_text(50), monkeypatch)
+    assert np.array_equal(fast, slow)
+
+
+def test_a_corpus_where_tiktoken_disagrees_is_encoded_by_tokenizers(shakespeare_bpe, shakespeare_text, monkeypatch):
+    """The first batch is checked both ways; a difference (not seen on any real tokenizer: forced here) falls back."""
+    import nanogpt.bpe as bpe
+
+    fast = shakespeare_bpe.fast_encoder()
+    monkeypatch.setattr(fast, "encode_batch", lambda texts, dtype=np.int64: np.zeros(3, dtype=dtype))
+    with pytest.warns(UserWarning, match="tiktoken's ids differ"):
+        ids = np.concatenate(list(bpe.subword_batches(iter([shakespeare_text]), shakespeare_bpe, np.uint16)))
+    assert np.array_equal(ids, shakespeare_bpe.encode(shakespeare_text))
+
+
 def test_multibyte_text_round_trips_including_unseen_characters(world_bpe):
     tok = world_bpe
     text = world_text(7) + "Unseen: नमस्ते 🦜 Ω\n"
