@@ -120,6 +120,19 @@ def test_tiktoken_stands_in_for_a_gpt2_folder_and_leaves_added_tokens_to_tokeniz
     assert tok.tokenizer.token_to_id("<|endoftext|>") in fast.tolist()
 
 
+def test_tiktoken_stands_in_when_the_model_vocabulary_also_holds_the_special_token(world_bpe, monkeypatch):
+    """GPT-2's tokenizer.json has <|endoftext|> in the BPE's vocabulary as well as among the added tokens."""
+    spec = json.loads(world_bpe.tokenizer.to_str())
+    n = len(spec["model"]["vocab"])
+    spec["model"]["vocab"]["<|endoftext|>"] = n
+    spec["added_tokens"] = [{"id": n, "content": "<|endoftext|>", "single_word": False, "lstrip": False,
+                             "rstrip": False, "normalized": True, "special": True}]
+    tok = SubwordTokenizer.from_json(json.dumps(spec), "gpt2-shaped")
+    assert tok.fast_encoder() is not None
+    fast, slow = _both_ways(tok, world_text(200) + "<|endoftext|>" + world_text(10), monkeypatch)
+    assert np.array_equal(fast, slow) and n in fast.tolist()
+
+
 def test_other_tokenizers_are_encoded_by_tokenizers_alone(world_bpe, tmp_path, monkeypatch):
     import tokenizers as tk
 
