@@ -305,8 +305,8 @@ def subword_batches(chunks: Iterator[str | bytes], tokenizer: SubwordTokenizer, 
     """The ids of a stream of text, one array per batch of about ENCODE_BATCH_CHARS, in order.
 
     A GPT-2-style byte-level BPE is encoded by tiktoken (fast_bpe.TiktokenBPE: the same ids, about 4x faster),
-    after a check that both give the same ids on the start of the first batch; any other tokenizer, a batch holding
-    an added token's text, or a failed check is encoded by `tokenizers`. Either runs on all cores in a worker
+    after a check that both give the same ids on the start of the first batch it takes; any other tokenizer, a
+    batch holding an added token's text, or a failed check is encoded by `tokenizers`. Either runs on all cores in a worker
     thread while this thread converts, writes and cuts the batch before: at most two batches are in flight.
     """
     fast = tokenizer.fast_encoder()
@@ -314,10 +314,10 @@ def subword_batches(chunks: Iterator[str | bytes], tokenizer: SubwordTokenizer, 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nanogpt-encode") as pool:
         pending: Optional[Future] = None
         for batch in _text_batches(chunks):
-            if fast is not None and not checked:
+            if fast is not None and not checked and fast.handles(batch):  # the first batch tiktoken would take
                 checked = True
                 probe = batch[:1]  # one 64K-character piece: a cheap check in `tokenizers`' time
-                if fast.handles(probe) and not np.array_equal(fast.encode_batch(probe), tokenizer.encode_batch(probe)):
+                if not np.array_equal(fast.encode_batch(probe), tokenizer.encode_batch(probe)):
                     warnings.warn(f"tiktoken's ids differ from the tokenizer's on this corpus ({tokenizer.source}); "
                                   "encoding it with `tokenizers` instead (slower, the same ids as sampling uses)")
                     fast = None
