@@ -1,6 +1,6 @@
-"""Train a GPT: python train.py --config configs/shakespeare_char.yaml [--ckpt_path last]. See nanogpt/cli.py."""
+"""Train a GPT: python train.py --config configs/shakespeare_char.yaml [--ckpt_path last]. See nanogpt/training/cli.py."""
 
-from nanogpt.cli import main
+from nanogpt.training.cli import main
 
 if __name__ == "__main__":
     main()

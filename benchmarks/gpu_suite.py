@@ -8,7 +8,7 @@ Most important first:
   time_to_target the same config to val/loss 1.47: seconds of training, and validation's share of wall time
                  (timed_run.py); time_to_target_muon: the same with Muon and warmup-stable-decay over 3000 steps
   gpt2_124m_mfu  configs/gpt2_124m_char.yaml: MFU against the GPU's dense bf16 peak (throughput.py)
-  generate       lecture-config sampling, KV cache against none, and the compiled cached decode step (generate.py)
+  generate       lecture-config sampling, KV cache against none, and the compiled cached decode step (sample_speed.py)
 Each runs as its own process (a crash or out-of-memory in one leaves the rest), with its own share of what is
 left of the budget as its timeout. DIR gets <name>.log (the whole output) and results.json (each benchmark's last
 JSON line, or why it has none); the last line printed is the same JSON.
@@ -67,7 +67,7 @@ def suite(smoke: bool, peak_tflops: Optional[float]) -> list[Bench]:
                                                           "--target-loss", "10", "--stop-at-target"], 0.3),
             Bench("gpt2_124m_mfu", "throughput.py", [*tiny, "--steps", "2", "--warmup", "1", "--repeats", "1",
                                                      "--peak-tflops", "1"], 0.5),
-            Bench("generate", "generate.py", ["--configs", "cpu", "--batch_sizes", "1", "--new_tokens", "20",
+            Bench("generate", "sample_speed.py", ["--configs", "cpu", "--batch_sizes", "1", "--new_tokens", "20",
                                               "--device", "cpu"], 1.0),
         ]
     lecture = ["--config", "configs/shakespeare_char.yaml", "--device", "cuda", "--model.compile", "true"]
@@ -82,7 +82,7 @@ def suite(smoke: bool, peak_tflops: Optional[float]) -> list[Bench]:
                                                       "--target-loss", "1.47", "--stop-at-target"], 0.5),
         Bench("gpt2_124m_mfu", "throughput.py", ["--config", "configs/gpt2_124m_char.yaml", "--device", "cuda", *peak,
                                                  "--steps", "40", "--warmup", "10", "--repeats", "1"], 0.8),
-        Bench("generate", "generate.py", ["--configs", "lecture", "--batch_sizes", "1", "--new_tokens", "500",
+        Bench("generate", "sample_speed.py", ["--configs", "lecture", "--batch_sizes", "1", "--new_tokens", "500",
                                           "--device", "cuda", "--compile"], 1.0),
     ]
 
@@ -132,7 +132,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if not args.smoke:
         import torch
 
-        from nanogpt.metrics import gpu_peak_tflops
+        from nanogpt.training.metrics import gpu_peak_tflops
 
         if not torch.cuda.is_available():
             p.error("no CUDA device here; run on a GPU, or pass --smoke to check the plumbing on a CPU")

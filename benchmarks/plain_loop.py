@@ -2,7 +2,7 @@
 and, run as a script, nanoGPT's own CPU recipe for tiny-shakespeare, timed to a target val/loss.
 
 PlainLoop: same network (nanogpt.model.GPT, same seed so the same initial weights), same batches
-(nanogpt.data.sample_rank_batch from the same token placement), the same optimizer and schedule (nanogpt.optim: AdamW
+(nanogpt.data.sample_rank_batch from the same token placement), the same optimizer and schedule (nanogpt.training.optim: AdamW
 or Muon beside it, cosine or warmup-stable-decay) and gradient clipping as GPTModule, and on a GPU the same bf16
 autocast, fused AdamW and torch.compile. Nothing else: no logging, no checkpoints, no callbacks. throughput.py
 compares our Lightning path against it.
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from nanogpt.model import GPT, GPTConfig
-from nanogpt.optim import (
+from nanogpt.training.optim import (
     OptimizerSettings,
     ScheduleLR,
     build_optimizer,
@@ -78,7 +78,7 @@ def _sync(device: torch.device) -> None:
 def optimizer_and_schedule(
     model: GPT, s: PlainSettings, device: torch.device
 ) -> tuple[torch.optim.Optimizer, ScheduleLR]:
-    """GPTModule's optimizer and schedule (nanogpt.optim), stepped once per optimizer step."""
+    """GPTModule's optimizer and schedule (nanogpt.training.optim), stepped once per optimizer step."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     optimizer = build_optimizer(named, parameter_roles(model, s.optim.optimizer), s.optim, device)
     return optimizer, build_schedule(optimizer, s.optim, s.max_steps)
@@ -98,7 +98,7 @@ class PlainLoop:
         device: torch.device,
     ) -> None:
         # here rather than at the top: nanogpt.data imports Lightning, which nanoGPT's recipe (main) must not pay for
-        from nanogpt.data import sample_rank_batch
+        from nanogpt.data.blocks import sample_rank_batch
 
         self.sample_rank_batch = sample_rank_batch
         self.s, self.tokens, self.device = s, tokens, device

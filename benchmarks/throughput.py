@@ -32,8 +32,8 @@ from typing import Any, Optional
 import lightning as L
 import torch
 
-from nanogpt.cli import GPTLightningCLI
-from nanogpt.data import tokens_to_device
+from nanogpt.training.cli import GPTLightningCLI
+from nanogpt.data.blocks import tokens_to_device
 from nanogpt.errors import NanoGPTError
 from plain_loop import PlainLoop, PlainSettings, train_plain
 from timed_run import RunTimer, quiet_lightning, step_windows, sync_device

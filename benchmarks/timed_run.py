@@ -46,10 +46,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Checkpoint
 
-from nanogpt.cli import GPTLightningCLI
+from nanogpt.training.cli import GPTLightningCLI
 from nanogpt.errors import NanoGPTError
-from nanogpt.metrics import TrainingMonitor
-from nanogpt.sources import tinyshakespeare_path
+from nanogpt.training.metrics import TrainingMonitor
+from nanogpt.data.sources import tinyshakespeare_path
 
 
 def sync_device(module: L.LightningModule) -> None:

@@ -14,9 +14,10 @@ import sys
 from typing import Any, Iterator, Optional
 
 from nanogpt.errors import ArgumentParser, NanoGPTError, reported_errors
-from nanogpt.generate import load_checkpoint, pick_device, stream
+from nanogpt.generate import pick_device, stream
+from nanogpt.io import load_checkpoint
 from nanogpt.model import GPT
-from nanogpt.tokenizer import Tokenizer
+from nanogpt.tokenizers.char import Tokenizer
 
 
 def generate_text(

@@ -31,16 +31,17 @@ import torch
 import yaml
 from torch.nn import functional as F
 
-from nanogpt.bpe import encoding_pieces
-from nanogpt.checkpoint import resolve_checkpoint
-from nanogpt.data import CharDataModule, val_block_starts
+from nanogpt.tokenizers.bpe import encoding_pieces
+from nanogpt.io import resolve_checkpoint
+from nanogpt.data.datamodule import CharDataModule
+from nanogpt.data.blocks import val_block_starts
 from nanogpt.errors import NanoGPTError, reported_errors
-from nanogpt.generate import load_checkpoint
+from nanogpt.io import load_checkpoint
 from nanogpt.model import GPT
-from nanogpt.pretrained import load_pretrained, pretrained_tokenizer
-from nanogpt.sources import CHUNK_CHARS, join_documents, open_source, rechunk
-from nanogpt.token_cache import token_dtype
-from nanogpt.tokenizer import CharTokenizer, Tokenizer, describe_chars
+from nanogpt.hf.pretrained import load_pretrained, pretrained_tokenizer
+from nanogpt.data.sources import CHUNK_CHARS, join_documents, open_source, rechunk
+from nanogpt.data.token_cache import token_dtype
+from nanogpt.tokenizers.char import CharTokenizer, Tokenizer, describe_chars
 
 
 def token_bytes(tokenizer: Tokenizer) -> np.ndarray:

@@ -13,27 +13,11 @@ from typing import Iterator, Optional
 
 import torch
 
-from nanogpt.checkpoint import resolve_checkpoint, safe_load
+from nanogpt.io import load_checkpoint
 from nanogpt.errors import ArgumentParser, NanoGPTError, reported_errors
-from nanogpt.model import GPT, GPTConfig
-from nanogpt.tokenizer import StreamDecoding, Tokenizer, describe_chars, tokenizer_from_dict
+from nanogpt.model import GPT
+from nanogpt.tokenizers.char import StreamDecoding, Tokenizer, describe_chars
 
-
-def load_checkpoint(path: str, device: str = "cpu") -> tuple[GPT, Tokenizer]:
-    """Builds the model and tokenizer stored in a checkpoint (file or run dir), in eval mode on device.
-
-    Loading never runs code from the file: torch.load(weights_only=True) takes plain data only.
-    """
-    file = resolve_checkpoint(path)
-    ckpt = safe_load(file, map_location=device, mmap=True)  # an unsafe or damaged file: one error naming it
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "tokenizer" not in ckpt:
-        raise NanoGPTError(f"{file} is not a nanogpt checkpoint (no state_dict and tokenizer); pass one written by train.py")
-    config = GPTConfig.from_dict(ckpt.get("hyper_parameters", {}))
-    model = GPT(config)
-    # the LightningModule keeps the network as `model`: drop that prefix (and compile's, if any)
-    state = {k.removeprefix("model.").replace("_orig_mod.", ""): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(state)
-    return model.to(device).eval(), tokenizer_from_dict(ckpt["tokenizer"])
 
 
 def pick_device(device: str) -> str:

@@ -31,7 +31,7 @@ def find_shakespeare(explicit: Optional[str], beside: Path, cache_dir: Optional[
     if beside.is_file():
         return beside
     from nanogpt.errors import NanoGPTError
-    from nanogpt.sources import download_tinyshakespeare, tinyshakespeare_path
+    from nanogpt.data.sources import download_tinyshakespeare, tinyshakespeare_path
 
     try:
         return download_tinyshakespeare(cache_dir)  # a verified copy in the cache, else downloaded and checked
@@ -140,7 +140,7 @@ def random_checkpoint(tmp_path_factory, shakespeare_text) -> Path:
     import torch
 
     from nanogpt.model import GPT, GPTConfig
-    from nanogpt.tokenizer import CharTokenizer
+    from nanogpt.tokenizers.char import CharTokenizer
 
     tokenizer = CharTokenizer.from_text(shakespeare_text)
     config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=64, dropout=0.0)
@@ -158,7 +158,7 @@ def run_train(capsys, *argv) -> SimpleNamespace:
     A real LightningCLI run without an interpreter start-up; Lightning's seed_everything writes PL_GLOBAL_SEED
     into os.environ, which is put back (as is sys.argv) so later runs in this process start from the same environment.
     """
-    from nanogpt.cli import main
+    from nanogpt.training.cli import main
 
     env, argv0 = dict(os.environ), sys.argv
     sys.argv = ["train.py"]  # LightningCLI warns when it gets args beside a command line (pytest's)

@@ -18,7 +18,8 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from nanogpt.app import generate_text, main
-from nanogpt.generate import load_checkpoint, sample
+from nanogpt.generate import sample
+from nanogpt.io import load_checkpoint
 from tests.conftest import REPO, assert_user_error, run_main
 
 MAX_LENGTH = 80

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from nanogpt.evaluate import main, sliding_windows
-from nanogpt.export import export
-from nanogpt.generate import load_checkpoint
+from nanogpt.hf.export import export
+from nanogpt.io import load_checkpoint
 from tests.conftest import REPO, TINY_CONFIG, assert_user_error, read_scalars, run_main, run_script
-from tests.test_pretrained import folders, hf_model, hf_tokenizer, write_hub_cache  # noqa: F401 (fixtures)
+from tests.hf.test_pretrained import folders, hf_model, hf_tokenizer, write_hub_cache  # noqa: F401 (fixtures)
 
 
 def figures(result) -> dict:

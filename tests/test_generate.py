@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from nanogpt.errors import NanoGPTError
-from nanogpt.generate import load_checkpoint, main, sample, stream
+from nanogpt.generate import main, sample, stream
+from nanogpt.io import load_checkpoint
 from nanogpt.model import GPT, GPTConfig, sample_logits
 from tests.conftest import assert_user_error, run_main
 

@@ -9,7 +9,8 @@ import shutil
 import pytest
 import torch
 
-from nanogpt.generate import load_checkpoint, main, sample
+from nanogpt.generate import main, sample
+from nanogpt.io import load_checkpoint
 from tests.conftest import assert_user_error, run_main, run_script
 
 BASE = ["--prompt", "ROMEO:", "--max_new_tokens", "60"]
