@@ -24,7 +24,7 @@ from tensorboard.plugins.text.summary_v2 import text_pb
 from nanogpt.errors import NanoGPTError
 from nanogpt.generate import sample
 from nanogpt.training.loggers import tensorboard_file_writers
-from nanogpt.training.peaks import GPU_PEAK_TFLOPS, gpu_peak_tflops, missing_peak_line  # noqa: F401 (old home)
+from nanogpt.training.peaks import gpu_peak_tflops, missing_peak_line
 from nanogpt.model import GPTConfig
 from nanogpt.training.steps import is_logging_step, logged_step
 

@@ -55,7 +55,8 @@ GPU_PEAK_TFLOPS: tuple[GPUPeak, ...] = (
     # Ada whitepaper, appendix: RTX 6000 Ada BF16 tensor with FP32 accumulate 364.2 | 728.5* TFLOPS;
     # "Quadro RTX 6000" is a Turing part without "Ada"
     GPUPeak("RTX 6000 Ada", ("rtx", "6000", "ada"), 364.2),
-    # Ada whitepaper, appendix: RTX 4090 BF16 tensor with FP32 accumulate 165.2 | 330.4* TFLOPS (the 4090 D has fewer SMs)
+    # Ada whitepaper, appendix: RTX 4090 BF16 tensor with FP32 accumulate 165.2 | 330.4* TFLOPS (a 4090 D has
+    # fewer SMs)
     GPUPeak("RTX 4090", ("rtx", "4090"), 165.2, unless=("d",)),
     # Volta. V100 datasheet: tensor (fp16) 125 TFLOPS SXM2, 112 PCIe; V100S datasheet: 130
     GPUPeak("V100S", ("v100s",), 130.0, bf16=False),
