@@ -108,3 +108,44 @@ def test_sample_seed_gives_the_same_text_on_two_runs(tmp_path, shakespeare_path)
     assert list(runs["a"]) == [2] and "ROMEO:" in runs["a"][2]
     assert runs["a"] == runs["b"]  # the same model (same training seed) and the same sample seed
     assert runs["c"] != runs["a"]  # only the sample seed differs
+
+
+@pytest.mark.parametrize(
+    "device_name, precision, peak",
+    [
+        ("Tesla T4", "16-mixed", 65.0),  # the precision in use picks the peak
+        ("NVIDIA A100-SXM4-40GB", "bf16-mixed", 312.0),
+        ("NVIDIA GeForce RTX 5090", "bf16-mixed", None),  # not in the table
+        ("NVIDIA A100-SXM4-40GB", "32-true", None),  # no fp32 row
+    ],
+)
+def test_the_monitor_takes_the_peak_of_the_precision_in_use_or_says_why_not(monkeypatch, device_name, precision,
+                                                                           peak):
+    """TrainingMonitor.on_fit_start on a GPU, its CPU twin: torch.cuda names the GPU, the module says it is on cuda."""
+    import logging
+    from types import SimpleNamespace
+
+    import torch
+
+    from nanogpt.training.metrics import TrainingMonitor
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: device_name)
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # where rank_zero_info writes
+    logger.addHandler(handler)
+    try:
+        monitor = TrainingMonitor(sample_tokens=0)
+        module = SimpleNamespace(tokenizer=None, model=GPT(GPTConfig(vocab_size=65, block_size=8, n_layer=1, n_head=1,
+                                                                     n_embd=8)), device=torch.device("cuda", 0))
+        monitor.on_fit_start(SimpleNamespace(precision=precision, world_size=2), module)
+    finally:
+        logger.removeHandler(handler)
+    assert monitor._peak_flops == (peak * 1e12 * 2 if peak else None)  # per device, times the devices
+    said = [line for line in lines if line.startswith("train/mfu:")]
+    if peak:
+        assert said == []
+    else:
+        assert said == [f"train/mfu: no {precision} peak known for {device_name}; set its dense TFLOP/s with "
+                        "--monitor.peak_tflops to log MFU"]
