@@ -266,7 +266,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         device = pick_device(args.device)
         accelerator = "gpu" if device == "cuda" else "cpu"
         strategy = "ddp" if args.devices > 1 else "auto"
-        fabric = L.Fabric(accelerator=accelerator, devices=args.devices, strategy=strategy, precision=args.precision)
+        precision, plugins = args.precision, None
+        if precision == "16-mixed" and accelerator == "cpu":
+            # Lightning would compute in bf16 instead (with a warning); torch autocasts fp16 on CPUs: run what was asked
+            from lightning.fabric.plugins import MixedPrecision
+
+            precision, plugins = None, MixedPrecision("16-mixed", "cpu")
+        fabric = L.Fabric(accelerator=accelerator, devices=args.devices, strategy=strategy, precision=precision,
+                          plugins=plugins)
         fabric.launch()
         result = evaluate(args, fabric)
     if fabric.global_rank == 0:

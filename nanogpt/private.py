@@ -8,6 +8,9 @@ Each one buys something no public API gives:
   and reads it back with .item(), a host-device sync per step on GPUs (Lightning issue #21487). FaultTolerance
   handles SIGTERM itself (an asynchronous vote on a side gloo group) while training runs, so the broadcast
   carries nothing then and is switched off.
+- leaves_gradients_scaled: under fp16 (a GradScaler), Lightning unscales the gradients before clipping only for
+  optimizers that do not unscale inside their own step (a fused AdamW does); GPTModule clips by the true norm, so
+  it unscales them itself exactly when Lightning did not.
 tests/test_private.py fails on a Lightning release not in TESTED_LIGHTNING_VERSIONS: test these
 again, then add it (setup.cfg keeps lightning below the next minor release meanwhile).
 """
@@ -40,3 +43,10 @@ def silence_sigterm_broadcast(trainer: Any) -> Callable[[], None]:
         return lambda: None
     loop._broadcast_sigterm_tensor = lambda: None
     return lambda: vars(loop).pop("_broadcast_sigterm_tensor", None)  # the class's method again
+
+
+def leaves_gradients_scaled(optimizer: Any) -> bool:
+    """Whether Lightning's MixedPrecision skips GradScaler.unscale_ before clipping, for this optimizer."""
+    from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
+
+    return _optimizer_handles_unscaling(optimizer)
