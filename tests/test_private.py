@@ -1,11 +1,16 @@
-"""The private Lightning API nanogpt uses is only trusted on the Lightning releases it was tested on."""
+"""The private API of other libraries that nanogpt uses is only trusted on the releases it was tested on."""
 
-import lightning
+import importlib
 
+import pytest
+
+from nanogpt import private
 from nanogpt.private import TESTED_LIGHTNING_VERSIONS, is_tested_lightning
 
 
 def test_the_installed_lightning_is_a_tested_release():
+    import lightning
+
     # a new release may move what nanogpt/private.py reaches into: run the suite on it (the DDP, resume
     # and signal tests exercise every site), then add it to TESTED_LIGHTNING_VERSIONS and setup.cfg's range
     assert is_tested_lightning(), (
@@ -13,3 +18,27 @@ def test_the_installed_lightning_is_a_tested_release():
         f"({', '.join(TESTED_LIGHTNING_VERSIONS)})"
     )
     assert not is_tested_lightning("2.6.3")  # one of the malicious releases: never in the list
+
+
+@pytest.mark.parametrize("library, tested", [("numpy", private.TESTED_NUMPY_VERSIONS),
+                                             ("datasets", private.TESTED_DATASETS_VERSIONS),
+                                             ("tensorboard", private.TESTED_TENSORBOARD_VERSIONS)])
+def test_the_installed_release_of_each_other_library_is_a_tested_one(library, tested):
+    # the token cache (numpy, datasets) and the text samples (tensorboard) exercise these uses: run their tests
+    # on a new release, then add it to the list
+    version = importlib.import_module(library).__version__
+    assert version in tested, f"{library} {version} is not a release nanogpt/private.py was tested on ({tested})"
+
+
+def test_each_private_use_still_reaches_what_it_needs(tmp_path):
+    import numpy as np
+
+    path = tmp_path / "tokens.bin"
+    np.arange(16, dtype=np.uint8).tofile(path)
+    assert private.memmap_buffer(np.memmap(path, dtype=np.uint8, mode="r")) is not None  # an mmap.mmap to advise
+    import datasets
+
+    a, b = datasets.Dataset.from_dict({"text": ["a"]}), datasets.Dataset.from_dict({"text": ["b"]})
+    assert private.dataset_fingerprint(a) != private.dataset_fingerprint(b)
+    summary = private.text_pb("val/sample", "hello")
+    assert summary.value[0].tag == "val/sample"  # exactly the tag given

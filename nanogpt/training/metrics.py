@@ -18,10 +18,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from tensorboard.plugins.text.summary_v2 import text_pb
 
 from nanogpt.errors import NanoGPTError
 from nanogpt.generate import sample
+from nanogpt.private import text_pb
 from nanogpt.training.loggers import tensorboard_file_writers
 from nanogpt.model import GPTConfig
 from nanogpt.training.steps import is_logging_step, logged_step
