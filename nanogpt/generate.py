@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, get_args, get_type_hints
 
 import torch
 
@@ -195,15 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--prompt", default=None, help="text to continue (default: a newline)")
     g.add_argument("--prompt_file", default=None, help="read the prompt from this UTF-8 file")
-    types = {"num_samples": int, "max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float,
-             "stop": str, "seed": int}
+    hints = get_type_hints(SamplingSettings)
     for f in fields(SamplingSettings):
         if f.name == "use_cache":
             p.add_argument("--no_cache", dest="use_cache", action="store_false",
                            help="recompute the whole context every step instead of using the KV cache (same text, "
                            "slower)")
         else:
-            p.add_argument(f"--{f.name}", type=types[f.name], default=f.default, help=SETTING_HELP.get(f.name))
+            kind = next((a for a in get_args(hints[f.name]) if a is not type(None)), hints[f.name])  # Optional[X]: X
+            p.add_argument(f"--{f.name}", type=kind, default=f.default, help=SETTING_HELP.get(f.name))
     p.add_argument("--stream", action="store_true", help="print text as it is generated (one sample)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p
