@@ -19,10 +19,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
-from tensorboard.plugins.text.summary_v2 import text_pb
 
 from nanogpt.errors import NanoGPTError
 from nanogpt.generate import sample
+from nanogpt.private import text_pb
 from nanogpt.training.loggers import tensorboard_file_writers
 from nanogpt.training.peaks import gpu_peak_tflops, missing_peak_line
 from nanogpt.model import GPTConfig
