@@ -1,6 +1,5 @@
 """The private API of other libraries that nanogpt uses is only trusted on the releases it was tested on."""
 
-
 from nanogpt import private
 from nanogpt.private import TESTED_LIGHTNING_VERSIONS, is_tested_lightning
 
