@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -316,9 +317,13 @@ def fit_with_rollbacks(
 ) -> None:
     """trainer.fit, fitted again from the newest good checkpoint after each rollback its Rollback callback asks for."""
     rollback = next((c for c in trainer.callbacks if isinstance(c, Rollback)), None)
+    again = False
     while True:
         try:
-            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+            with warnings.catch_warnings():
+                if again:  # the checkpoint dir is this run's own, as on any resume
+                    warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty")
+                trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
             return
         except RollbackRequested as e:
             assert rollback is not None, "RollbackRequested is raised by a Rollback callback"
@@ -328,4 +333,7 @@ def fit_with_rollbacks(
             if rollback is None or rollback.on_bad_step != "rollback" or e.step is None:
                 raise
             bad = BadStep(e.step, "non-finite", "its loss or gradients became NaN or inf")
-        ckpt_path = rollback.prepare(trainer, model, bad)
+        if any(getattr(c, "signum", None) is not None for c in trainer.callbacks):
+            # SIGTERM or Ctrl-C came (FaultTolerance): the run was asked to stop, so it stops, on the bad step's error
+            raise stop_error(bad)
+        ckpt_path, again = rollback.prepare(trainer, model, bad), True
