@@ -131,7 +131,6 @@ class Rollback(Callback):
         self.history: list[dict[str, Any]] = []  # one record per rollback this run's timeline went through
         self._pending: Optional[dict[str, Any]] = None  # the rollback whose checkpoint is being restored
         self._announce: Optional[dict[str, Any]] = None  # ... and, restored, is logged when training starts
-        self._trainer: Optional[L.Trainer] = None
         self._step_loss: Optional[torch.Tensor] = None  # () the optimizer step's micro-batch losses so far
         self._losses: list[torch.Tensor] = []  # each unread step's loss, on the device
         self._steps: list[int] = []  # ... and its index
@@ -163,7 +162,6 @@ class Rollback(Callback):
 
     # --- hooks ----------------------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._trainer = trainer
         if stage == "fit":
             self._apply_skips(trainer)  # a new run; a resumed one is set again from its checkpoint
 
