@@ -6,6 +6,7 @@ of evenly spaced blocks. torch and numpy only: `nanogpt-eval` reads the same val
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator, Union
 
 import numpy as np
@@ -76,8 +77,26 @@ def tokens_fit_on_device(n_bytes: int, device: torch.device, max_share: float = 
     return n_bytes <= max_share * free
 
 
+@dataclass(frozen=True)
+class DataSkips:
+    """Stretches of training data a run skips (after a rollback): from training step `start` on, every step reads the
+    data of `steps` steps further on. The data of a step is then a pure function of (seed, rank, step, skips).
+
+    windows: (start, steps) pairs; their offsets add up for every step at or after their start.
+    """
+
+    windows: tuple[tuple[int, int], ...] = ()
+
+    def data_step(self, step: int) -> int:
+        """The step whose batch training step `step` reads."""
+        return step + sum(n for start, n in self.windows if start <= step)
+
+
 class RandomBlocks(IterableDataset):
-    """An endless stream of one rank's training micro-batches (of batch_size each), starting at a micro-step."""
+    """An endless stream of one rank's training micro-batches (of batch_size each), starting at a micro-step.
+
+    skips: stretches of data to pass over (DataSkips); micro-steps are training steps', mapped to data steps here.
+    """
 
     def __init__(
         self,
@@ -89,19 +108,21 @@ class RandomBlocks(IterableDataset):
         start_step: int = 0,
         world_size: int = 1,
         accumulation: int = 1,
+        skips: DataSkips = DataSkips(),
     ) -> None:
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
         self.seed, self.rank, self.start_step = seed, rank, start_step
-        self.world_size, self.accumulation = world_size, accumulation
+        self.world_size, self.accumulation, self.skips = world_size, accumulation, skips
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        step = self.start_step
+        micro_step = self.start_step
         while True:
+            step, i = divmod(micro_step, self.accumulation)
             yield sample_rank_batch(
-                self.tokens, self.block_size, self.batch_size, self.seed, self.rank, step,
-                self.world_size, self.accumulation,
+                self.tokens, self.block_size, self.batch_size, self.seed, self.rank,
+                self.skips.data_step(step) * self.accumulation + i, self.world_size, self.accumulation,
             )
-            step += 1
+            micro_step += 1
 
 
 def val_block_starts(n_tokens: int, block_size: int, n_blocks: int) -> np.ndarray:

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from nanogpt.data.batch_plan import BatchPlan, plan_batch
-from nanogpt.data.blocks import FixedBlocks, RandomBlocks, tokens_fit_on_device, tokens_to_device, val_block_starts
+from nanogpt.data.blocks import DataSkips, FixedBlocks, RandomBlocks, tokens_fit_on_device, tokens_to_device, val_block_starts
 from nanogpt.errors import NanoGPTError
 from nanogpt.data.splits import DEFAULT_VAL_BLOCKS, DEFAULT_VAL_FRACTION, split_tokens
 from nanogpt.data.token_cache import CorpusConfig, prepare_corpus
@@ -72,6 +72,8 @@ class CharDataModule(L.LightningDataModule):
         self._val: Optional[np.ndarray] = None  # the val_source tokens, when there is one
         self._prepared = None
         self._tokenizer: Optional[Tokenizer] = None
+        # training data passed over after rollbacks: set by nanogpt.training.rollback from the run's checkpoint
+        self.skips = DataSkips()
 
     def prepare_data(self) -> None:
         """Downloads and encodes the corpus into the cache (Lightning calls this on one process per node)."""
@@ -161,7 +163,9 @@ class CharDataModule(L.LightningDataModule):
         start = self.trainer.global_step * self.trainer.accumulate_grad_batches if self.trainer is not None else 0
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         tokens = self._train_tokens_for(device)
-        ds = RandomBlocks(tokens, self.block_size, self.micro_batch, self.seed, rank, start, world, accumulation)
+        ds = RandomBlocks(
+            tokens, self.block_size, self.micro_batch, self.seed, rank, start, world, accumulation, self.skips
+        )
         # host-gathered batches reach a GPU from pinned memory; Lightning copies them with non_blocking=True
         pin = device.type == "cuda" and not isinstance(tokens, torch.Tensor)
         return DataLoader(ds, batch_size=None, pin_memory=pin)

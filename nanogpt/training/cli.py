@@ -42,6 +42,7 @@ from nanogpt.private import TESTED_LIGHTNING_VERSIONS, is_tested_lightning
 from nanogpt.training.loggers import RunCSVLogger, RunTensorBoardLogger
 from nanogpt.training.metrics import TrainingMonitor
 from nanogpt.training.progress import LogLines, StepProgressBar
+from nanogpt.training.rollback import Rollback, fit_with_rollbacks
 from nanogpt.training.runlock import RunLock, is_global_rank_zero
 
 # Trainer settings that suit step-based GPT training; a config file or flag overrides each.
@@ -127,6 +128,8 @@ class GPTLightningCLI(LightningCLI):
         )
         # --monitor.*: throughput, grad norm, MFU, text samples, hparams, histograms (nanogpt/training/metrics.py)
         parser.add_lightning_class_args(TrainingMonitor, "monitor")
+        # --fault.*: what a bad step (NaN, inf, a loss spike) does: roll back or stop (nanogpt/training/rollback.py)
+        parser.add_lightning_class_args(Rollback, "fault")
         parser.add_argument(
             "--checkpoint.every_n_steps",
             type=Optional[int],
@@ -190,7 +193,8 @@ class GPTLightningCLI(LightningCLI):
                 kwargs["logger"] = RunCSVLogger(save_dir=run_dir)
             else:
                 kwargs["logger"] = RunTensorBoardLogger(save_dir=run_dir, purge_step=self.resume_step)
-        callbacks = list(trainer_config.get("callbacks") or []) + [FaultTolerance()]
+        # the non-finite flags are read at log steps by the --fault callback (Rollback), which rolls back or stops
+        callbacks = list(trainer_config.get("callbacks") or []) + [FaultTolerance(check_at_log_steps=False)]
         if trainer_config.get("enable_checkpointing") is not False:
             checkpoint = self.config.get("checkpoint")
             callbacks += run_checkpoints(
@@ -307,7 +311,7 @@ def main(args: Optional[list[str]] = None) -> None:
         # the run dir's lock is released as this block ends, however it ends (a return, an error, a signal)
         with _sigterm_exits(), ExitStack() as run_dir_lock, _storage_failures_reported_once():
             cli = GPTLightningCLI(args, run_dir_lock=run_dir_lock)
-            cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path)
+            fit_with_rollbacks(cli.trainer, cli.model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path)
     except TrainingInterrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

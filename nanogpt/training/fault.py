@@ -40,7 +40,14 @@ class TrainingInterrupted(Exception):
 
 
 class NonFiniteLossError(NanoGPTError):
-    """The training loss or gradients became NaN or inf; the weights were not updated with them."""
+    """The training loss or gradients became NaN or inf; the weights were not updated with them.
+
+    step: the first bad step (every rank raises it at the same step, so a rollback can start from it).
+    """
+
+    def __init__(self, message: str, step: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 # "no bad step", as a step number: larger than any real step, so the first bad step is a min (over steps and ranks)
@@ -97,7 +104,7 @@ class NonFiniteGuard:
         if self._on_host(grad_norm):
             loss_ok, self._host_loss_ok = self._host_loss_ok, True
             if check_grads and not math.isfinite(grad_norm.item()):  # equal on every rank: all stop here together
-                raise NonFiniteLossError(self.message(step))
+                raise NonFiniteLossError(self.message(step), step)
             first = _NONE if self._host_first_bad is None else self._host_first_bad
             # a bad loss may be one rank's: the ranks agree on it at the next check
             self._host_first_bad = first if loss_ok else min(first, step)
@@ -113,7 +120,7 @@ class NonFiniteGuard:
                 torch.logical_not(grads_ok, out=self._found_inf)
                 optimizer.found_inf = self._found_inf
             elif not bool(grads_ok):  # skip_on_device=False, or an optimizer that cannot skip: check now (a sync)
-                raise NonFiniteLossError(self.message(step))
+                raise NonFiniteLossError(self.message(step), step)
             ok = grads_ok if ok is None else ok & grads_ok
         if ok is not None:
             self._steps.append((step, ok))
@@ -217,10 +224,13 @@ class FaultTolerance(Callback):
     Args:
         check_finite_loss: stop, naming the step, when the training loss or gradients became NaN or inf (read from
             the module's NonFiniteGuard every log_every_n_steps and before every checkpoint, not every step).
+        check_at_log_steps: read it every log_every_n_steps too; False where another callback reads it there
+            (nanogpt.training.rollback.Rollback, which rolls back instead of stopping).
     """
 
-    def __init__(self, check_finite_loss: bool = True) -> None:
+    def __init__(self, check_finite_loss: bool = True, check_at_log_steps: bool = True) -> None:
         self.check_finite_loss = check_finite_loss
+        self.check_at_log_steps = check_at_log_steps
         self.signum: Optional[int] = None
         self._previous: dict[int, Any] = {}
         self._stopping: Optional[tuple[int, Optional[str]]] = None  # (signal, checkpoint) once the stop is decided
@@ -274,7 +284,9 @@ class FaultTolerance(Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore_handlers()
         if self._vote is not None:
-            self._vote.close(wait=False)  # another rank may have failed before finishing the vote in flight
+            # another rank may have failed before finishing the vote in flight, unless every rank stopped at the same
+            # step (a rollback: training goes on, so the vote's group is closed properly)
+            self._vote.close(wait=getattr(exception, "all_ranks", False))
             self._vote = None
 
     def _check_finite(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -283,7 +295,7 @@ class FaultTolerance(Callback):
             return
         step = guard.bad_step(trainer)
         if step is not None:
-            raise NonFiniteLossError(guard.message(step))
+            raise NonFiniteLossError(guard.message(step), step)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # before every write, on every rank (Lightning builds the checkpoint on all of them): nothing trained on
@@ -304,7 +316,7 @@ class FaultTolerance(Callback):
     ) -> None:
         if not ends_optimizer_step(trainer, batch_idx):
             return  # mid gradient accumulation: the optimizer step is not taken yet
-        if trainer.global_step % self._every == 0:
+        if self.check_at_log_steps and trainer.global_step % self._every == 0:
             self._check_finite(trainer, pl_module)
         signalled = self.signum is not None
         if self._stopping is None and (self._vote.any_rank(signalled) if self._vote is not None else signalled):

@@ -241,7 +241,7 @@ def test_nan_stops_the_run_and_never_reaches_a_checkpoint(nanogpt_cache, tmp_pat
         encoding="utf-8",
     )
     run = tmp_path / "run"
-    result = train(run, nanogpt_cache, "--config", poison)
+    result = train(run, nanogpt_cache, "--config", poison, "--fault.on_bad_step", "stop")  # not a rollback
     if when == "start":  # the loss of step 29 is NaN: stopped before its backward pass
         assert_user_error(result, "training loss or its gradients became NaN or inf at step 29", "--ckpt_path last")
     else:  # the step-30 update gave NaN weights: refused at the step-30 checkpoint
@@ -269,7 +269,8 @@ def test_a_nan_gradient_stops_the_run_before_it_reaches_the_weights_or_a_checkpo
         encoding="utf-8",
     )
     run = tmp_path / "run"
-    result = train(run, nanogpt_cache, "--config", poison, "--trainer.log_every_n_steps", "10")
+    result = train(run, nanogpt_cache, "--config", poison, "--trainer.log_every_n_steps", "10",
+                   "--fault.on_bad_step", "stop")
     assert_user_error(result, "became NaN or inf at step 21", "no checkpoint was written after it")
     ckpts = run / "checkpoints"
     assert load(ckpts / "last.ckpt")["global_step"] == 20  # the step checkpoint before the bad step

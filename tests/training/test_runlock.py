@@ -284,7 +284,7 @@ def test_the_lock_is_released_however_the_run_stops(nanogpt_cache, tmp_path, how
         assert proc.returncode == 130, stderr[-3000:]
     elif how == "nan":
         poison = callback_config(tmp_path, "tests.training.test_resume.PoisonWeights", step=7, when="start")
-        result = _train(run, nanogpt_cache, "--config", poison)
+        result = _train(run, nanogpt_cache, "--config", poison, "--fault.on_bad_step", "stop")
         assert_user_error(result, "became NaN or inf at step 7")
     else:
         result = _train(run, nanogpt_cache, "--config", callback_config(tmp_path, "tests.training.test_runlock.Boom", step=7))
