@@ -8,25 +8,30 @@ rename. Pruning an old step file then deletes a name, never data another name st
 ordinary checkpoint that torch.load reads on its own, and `cp -r` (which copies links as files) keeps the run
 resumable.
 
-With async_save the write goes through Lightning's AsyncCheckpointIO: the step waits only while the state is copied
-(on its device, in Lightning's way); serialising, fsync, links and renames run in a background thread. At most one
-save is in flight: the next commit waits for it, and so does teardown, which Lightning runs when fit ends, on an
-error and on Ctrl-C, so a save is finished (or, on Ctrl-C, abandoned with its temp file removed) before the
-process goes on. A background write that fails raises its StorageError in the training thread at the next commit or
-at teardown.
+With async_save the step waits only while the state is copied to host memory (HostStager, into buffers kept from
+the previous save); serialising, fsync, links and renames run in a background thread. At most one save is in
+flight: the next commit waits for it, and so does teardown, which Lightning runs when fit ends, on an error and on
+Ctrl-C, so a save is finished (or, on Ctrl-C, abandoned with its temp file removed) before the process goes on. A
+background write that fails raises its StorageError in the training thread at the next commit or at teardown.
+Lightning's AsyncCheckpointIO does the same with a fresh clone of every tensor per save, on the tensor's device: on
+a GPU a second copy of the state in device memory for as long as the write takes, tied weights written twice, and
+no bound on saves queued behind one another; torch.distributed.checkpoint.async_save writes a directory of shards,
+not a file torch.load reads. benchmarks/checkpoint_speed.py measures the clone beside the staging.
 """
 
 from __future__ import annotations
 
 import errno
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Optional
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.plugins.io import AsyncCheckpointIO, CheckpointIO
+from lightning.pytorch.plugins.io import CheckpointIO
 
 from nanogpt.io import atomic_link, atomic_write, read_checkpoint, storage_error, storage_failure, tensor_bytes
 
@@ -104,6 +109,57 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         Path(path).unlink(missing_ok=True)
 
 
+class HostStager:
+    """Copies a checkpoint's tensors into host buffers kept from its previous save: the snapshot an asynchronous
+    write serialises while training changes the live tensors.
+
+    Reused buffers spare an allocation (and, from a GPU, a pinning) per save. From a GPU the buffers are pinned and
+    the copies asynchronous, waited for once at the end: the step waits for the state to reach host memory only. Tensors sharing memory (tied weights) share one buffer, written once.
+    Non-tensor values are taken as they are: Lightning builds a new checkpoint dict for every save.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}  # by the tensor's place in the checkpoint
+
+    def stage(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
+        buffers: dict[tuple, torch.Tensor] = {}
+        shared: dict[tuple, torch.Tensor] = {}  # this save's copies, by the memory they copy
+        from_device = False
+
+        def copy(obj: Any, where: tuple) -> Any:
+            nonlocal from_device
+            if isinstance(obj, torch.Tensor):
+                memory = (obj.device, obj.untyped_storage().data_ptr(), obj.storage_offset(), obj.shape,
+                          obj.stride(), obj.dtype)
+                if memory in shared:
+                    return shared[memory]
+                buffer = self._buffers.get(where)
+                if buffer is None or buffer.shape != obj.shape or buffer.dtype != obj.dtype:
+                    buffer = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.is_cuda)
+                buffer.copy_(obj.detach(), non_blocking=obj.is_cuda)
+                from_device = from_device or obj.is_cuda
+                buffers[where] = shared[memory] = buffer
+                return buffer
+            if isinstance(obj, dict):
+                return {k: copy(v, (*where, k)) for k, v in obj.items()}
+            if isinstance(obj, (list, tuple)):
+                return type(obj)(copy(v, (*where, i)) for i, v in enumerate(obj))
+            return obj
+
+        # a copy is memory-bound: one thread copies about as fast as two, and never waits on a descheduled OpenMP
+        # thread, which on a busy CPU made the copies 5 to 20x slower (benchmarks/RESULTS.md)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            staged = copy(checkpoint, ())
+        finally:
+            torch.set_num_threads(threads)
+        if from_device:
+            torch.cuda.synchronize()  # the copies are done before the writer reads them
+        self._buffers = buffers
+        return staged
+
+
 @dataclass
 class _SavePoint:
     step: Any
@@ -124,9 +180,11 @@ class RunCheckpointIO(CheckpointIO):
         super().__init__()
         self.async_save = async_save
         self.files = AtomicCheckpointIO()
-        self._writer: CheckpointIO = AsyncCheckpointIO(self.files) if async_save else self.files
+        self._stager = HostStager()
+        self._executor: Optional[ThreadPoolExecutor] = None
+        self._in_flight: Optional[Future] = None
         self._pending: Optional[_SavePoint] = None
-        self._in_flight = False
+        self._committed: tuple[Any, tuple[str, ...]] = (None, ())  # the step and names of the last commit
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None:
@@ -162,39 +220,44 @@ class RunCheckpointIO(CheckpointIO):
                 self.wait()
             return
         self.wait()  # at most one save in flight
+        step, before = self._committed
+        if step == point.step:
+            # a second save of the same step (a validation after the every-N-steps save, a signal's): the names of
+            # the first now get the newer state too, so the step's first file is not kept beside it
+            point.names[:0] = [n for n in before if n not in point.names and n not in point.remove]
+        self._committed = (point.step, tuple(point.names))
         *links, path = point.names
         names = SaveNames(tuple(links), tuple(point.remove))
         if wait or not self.async_save:
             self.files.save_checkpoint(point.checkpoint, path, storage_options=names)
-        else:
-            self._writer.save_checkpoint(point.checkpoint, path, storage_options=names)
-            self._in_flight = True
+            return
+        staged = self._stager.stage(point.checkpoint)  # the only part the training step waits for
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._in_flight = self._executor.submit(self.files.save_checkpoint, staged, path, storage_options=names)
 
     def wait(self) -> None:
         """Returns once no save is in flight; raises the StorageError of one that failed. Ctrl-C while waiting
         gives the write up (its temp file removed, the older files intact) and is raised again."""
-        if not self._in_flight:
+        if self._in_flight is None:
             return
         try:
-            self._writer.teardown()  # AsyncCheckpointIO: joins its thread, raises what the write raised
+            self._in_flight.result()
         except SaveCancelled:
             pass
         except KeyboardInterrupt:
             self.cancel()
             raise
         finally:
-            self._in_flight = False
+            self._in_flight = None
 
     def cancel(self) -> None:
         """Ctrl-C: drops a save point not yet written and stops the write in flight at its next chunk."""
         self._pending = None
         self.files.cancelled.set()
-        if self._in_flight:
-            self._in_flight = False
-            try:
-                self._writer.teardown()
-            except Exception:  # noqa: BLE001 - abandoned: nothing of it is reported
-                pass
+        future, self._in_flight = self._in_flight, None
+        if future is not None:
+            wait_for([future])  # moments: the writer stops at its next chunk and removes its temp file
 
     def discard(self) -> None:
         """After an error mid save point: the names gathered so far are not written (the state that failed is not
@@ -202,5 +265,12 @@ class RunCheckpointIO(CheckpointIO):
         self._pending = None
 
     def teardown(self) -> None:
-        self.commit()
-        self.wait()
+        """End of fit, an error or Ctrl-C (Lightning calls it after on_exception): the save in flight is finished."""
+        try:
+            self.commit()
+            self.wait()
+        finally:
+            self._stager = HostStager()  # the staging buffers, as large as the state, are let go
+            if self._executor is not None:
+                self._executor.shutdown(wait=False)
+                self._executor = None

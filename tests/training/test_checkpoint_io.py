@@ -48,9 +48,13 @@ def _inodes(ckpts: Path) -> dict[str, int]:
 def test_a_save_point_is_written_once_and_every_other_name_is_a_link(tmp_path, async_save):
     ckpts = tmp_path / "checkpoints"
     io = RunCheckpointIO(async_save=async_save)
-    _save_point(io, ckpts, 10, "best.ckpt", "step-00000010.ckpt")
+    _save_point(io, ckpts, 10, "step-00000010.ckpt")  # every N steps
+    io.wait()
+    first = (ckpts / "last.ckpt").stat().st_ino
+    _save_point(io, ckpts, 10, "best.ckpt")  # the validation of the same step: its newer state under every name
     io.wait()
     inodes = _inodes(ckpts)
+    assert first not in inodes.values()
     assert len(set(inodes.values())) == 1 and (ckpts / "last.ckpt").stat().st_nlink == 3, inodes
     for path in ckpts.glob("*.ckpt"):  # each name an ordinary checkpoint on its own
         assert torch.load(path, weights_only=True)["global_step"] == 10
@@ -166,3 +170,15 @@ def test_a_save_in_flight_at_an_exception_is_finished_before_fit_returns(tmp_pat
     ckpt = torch.load(ckpts / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4 and ckpt["ballast"].numel() == 8 * 2**20
     assert (ckpts / "last.ckpt").stat().st_ino == (ckpts / "step-00000004.ckpt").stat().st_ino
+
+
+def test_ckpt_path_best_resolves_to_the_run_dirs_best_checkpoint(tmp_path):
+    from nanogpt.errors import NanoGPTError
+    from nanogpt.training.cli import resolve_ckpt_path
+
+    run = tmp_path / "run"
+    with pytest.raises(NanoGPTError, match="best.ckpt does not exist"):
+        resolve_ckpt_path("best", run)
+    io = RunCheckpointIO(async_save=False)
+    _save_point(io, run / "checkpoints", 7, "best.ckpt")
+    assert resolve_ckpt_path("best", run) == str(run / "checkpoints" / "best.ckpt")
