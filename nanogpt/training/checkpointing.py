@@ -119,8 +119,10 @@ class LastCheckpoint(Checkpoint):
         # Lightning calls this before its teardown, which finishes a save still in flight: that one, of an earlier
         # step, is good. A save point gathered when the error came is not written; Ctrl-C gives the write up
         io = trainer.strategy.checkpoint_io
-        if isinstance(io, RunCheckpointIO):
-            io.cancel() if isinstance(exception, KeyboardInterrupt) else io.discard()
+        if isinstance(io, RunCheckpointIO) and isinstance(exception, KeyboardInterrupt):
+            io.cancel()
+        elif isinstance(io, RunCheckpointIO):
+            io.discard()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._saved_step = trainer.global_step  # a resumed run's step is in the file it resumed from
@@ -188,5 +190,7 @@ def save_last_checkpoint(trainer: L.Trainer) -> Optional[str]:
         if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath:
             path = callback.format_checkpoint_name({}, callback.CHECKPOINT_NAME_LAST)
             trainer.save_checkpoint(path, weights_only=False)
+            if isinstance(trainer.strategy.checkpoint_io, RunCheckpointIO):
+                trainer.strategy.checkpoint_io.commit(wait=True)
             return path
     return None

@@ -182,3 +182,53 @@ def test_ckpt_path_best_resolves_to_the_run_dirs_best_checkpoint(tmp_path):
     io = RunCheckpointIO(async_save=False)
     _save_point(io, run / "checkpoints", 7, "best.ckpt")
     assert resolve_ckpt_path("best", run) == str(run / "checkpoints" / "best.ckpt")
+
+
+class Ballast(Callback):
+    """Test helper loaded by train.py through --config: makes every checkpoint `mb` MB larger, so its background
+    write takes long enough to be killed in the middle."""
+
+    def __init__(self, mb: int) -> None:
+        self.mb = mb
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        checkpoint["ballast"] = torch.ones(self.mb * 2**18)
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_background_write_leaves_a_resumable_run(nanogpt_cache, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from nanogpt.io import pick_resume_checkpoint
+    from tests.conftest import REPO, TINY_CONFIG, run_script
+    from tests.training.test_runlock import callback_config
+
+    run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    env = {**os.environ, "NANOGPT_CACHE": str(nanogpt_cache), "NANOGPT_TINYSHAKESPEARE_URL": "http://127.0.0.1:9/x"}
+    args = ["--config", TINY_CONFIG, "--trainer.default_root_dir", run, "--checkpoint.every_n_steps", 5]
+    ballast = callback_config(tmp_path, "tests.training.test_checkpoint_io.Ballast", mb=96)
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *map(str, args), "--config", str(ballast),
+                             "--trainer.max_steps", "40"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        # a later save's temp file beside the first save's last.ckpt: the background write is under way
+        deadline = time.monotonic() + 600
+        while not ((ckpts / "last.ckpt").exists() and list(ckpts.glob(".last.ckpt.*.tmp"))):
+            assert proc.poll() is None and time.monotonic() < deadline, "no second save seen"
+            time.sleep(0.002)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert list(ckpts.glob(".*.tmp"))  # killed mid-write: the half-written temp file is still there
+    good = pick_resume_checkpoint(ckpts, log=lambda message: None)
+    step = check_resumable(good)["global_step"]
+    assert step % 5 == 0 and step > 0
+    resumed = run_script("train.py", *args, "--trainer.max_steps", step + 2, "--ckpt_path", "last", cwd=tmp_path,
+                         env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == step + 2
+    assert not list(ckpts.glob(".*.tmp"))  # removed when the run started again
