@@ -35,11 +35,10 @@ from pathlib import Path
 
 import torch
 import yaml
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
 from nanogpt.io import check_resumable, read_checkpoint, step_checkpoint_name
 from nanogpt.model import GPT, GPTConfig
-from lightning.pytorch.plugins.io import AsyncCheckpointIO
-
 from nanogpt.training.checkpoint_io import AtomicCheckpointIO, RunCheckpointIO
 from nanogpt.training.resume import capture_rng_state
 
@@ -187,7 +186,7 @@ def train(run: Path, steps: int, resume: bool = False, stop_at: int | None = Non
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if stop_at is not None:
-        marker = run / "checkpoints" / f"step-{stop_at:08d}.ckpt"
+        marker = run / "checkpoints" / step_checkpoint_name(stop_at)
         while not marker.exists() and proc.poll() is None:
             time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import lightning as L
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 
-from nanogpt.io import remove_stale_temp_files
+from nanogpt.io import STEP_FILENAME, remove_stale_temp_files
 from nanogpt.errors import NanoGPTError
 from nanogpt.training.checkpoint_io import AtomicCheckpointIO, RunCheckpointIO  # noqa: F401 - AtomicCheckpointIO: its old home
 from nanogpt.training.steps import ends_optimizer_step
@@ -165,7 +165,7 @@ def run_checkpoints(dirpath: str, every_n_steps: Optional[int] = None, keep_last
         callbacks.append(
             RunCheckpoint(
                 dirpath=dirpath,
-                filename="step-{step:08d}",
+                filename=STEP_FILENAME,
                 monitor="step",
                 mode="max",
                 save_top_k=keep_last_k,
