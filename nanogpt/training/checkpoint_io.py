@@ -114,8 +114,9 @@ class HostStager:
     write serialises while training changes the live tensors.
 
     Reused buffers spare an allocation (and, from a GPU, a pinning) per save. From a GPU the buffers are pinned and
-    the copies asynchronous, waited for once at the end: the step waits for the state to reach host memory only. Tensors sharing memory (tied weights) share one buffer, written once.
-    Non-tensor values are taken as they are: Lightning builds a new checkpoint dict for every save.
+    the copies asynchronous, waited for once at the end: the step waits for the state to reach host memory only.
+    Tensors sharing memory (tied weights) share one buffer, written once. Non-tensor values are taken as they are:
+    Lightning builds a new checkpoint dict for every save.
     """
 
     def __init__(self) -> None:

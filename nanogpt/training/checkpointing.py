@@ -20,7 +20,8 @@ from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 
 from nanogpt.io import STEP_FILENAME, remove_stale_temp_files
 from nanogpt.errors import NanoGPTError
-from nanogpt.training.checkpoint_io import AtomicCheckpointIO, RunCheckpointIO  # noqa: F401 - AtomicCheckpointIO: its old home
+# AtomicCheckpointIO is importable from here, its home before checkpoint_io.py
+from nanogpt.training.checkpoint_io import AtomicCheckpointIO, RunCheckpointIO  # noqa: F401
 from nanogpt.training.steps import ends_optimizer_step
 
 

@@ -113,7 +113,7 @@ class GPTLightningCLI(LightningCLI):
             "--ckpt_path",
             type=Optional[str],
             default=None,
-            help="resume from 'last' (RUN/checkpoints/last.ckpt), 'best' (RUN/checkpoints/best.ckpt) or a checkpoint file",
+            help="resume from 'last' (RUN/checkpoints/last.ckpt), 'best' (RUN/checkpoints/best.ckpt) or a file",
         )
         parser.add_argument(
             "--logger",
