@@ -3,24 +3,25 @@
 best.ckpt and the step files are Lightning's ModelCheckpoint (top 1 by val/loss; top K by step, Lightning's way to
 keep the newest K). last.ckpt is LastCheckpoint's: ModelCheckpoint (2.6) writes its last.ckpt only beside a
 top-k save, while a run wants it at every validation, every N steps and when training ends between validations.
-Every write goes through the trainer's CheckpointIO (AtomicCheckpointIO: a temp file renamed over the target),
-and weights holding NaN or inf are refused before any write (FaultTolerance.on_save_checkpoint).
+Every write goes through the trainer's CheckpointIO: in a run RunCheckpointIO (checkpoint_io.py), which writes the
+names of one save point once and links the others to that file, in the background when async; LastCheckpoint
+commits each save point after last.ckpt, its last name. Weights holding NaN or inf are refused before any write
+(FaultTolerance.on_save_checkpoint).
 """
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 
-from nanogpt.io import atomic_save, read_checkpoint, remove_stale_temp_files, storage_error, storage_failure, tensor_bytes
-from nanogpt.io import STEP_FILENAME
+from nanogpt.io import STEP_FILENAME, remove_stale_temp_files
 from nanogpt.errors import NanoGPTError
+# AtomicCheckpointIO is importable from here, its home before checkpoint_io.py
+from nanogpt.training.checkpoint_io import AtomicCheckpointIO, RunCheckpointIO  # noqa: F401
 from nanogpt.training.steps import ends_optimizer_step
 
 
@@ -101,10 +102,28 @@ class LastCheckpoint(Checkpoint):
         if trainer.is_global_zero:
             remove_stale_temp_files(self.dirpath)
 
-    def save(self, trainer: L.Trainer) -> None:
-        """Writes last.ckpt now (on every rank: a collective under DDP); this step then counts as saved."""
+    def save(self, trainer: L.Trainer, wait: bool = False) -> None:
+        """Writes last.ckpt now (on every rank: a collective under DDP); this step then counts as saved.
+
+        Through RunCheckpointIO this commits the save point (best.ckpt and step-N.ckpt of this step are linked to
+        last.ckpt's file), in the background when async unless wait: then the file is complete on return.
+        """
         trainer.save_checkpoint(self.filepath, weights_only=False)
         self._saved_step = trainer.global_step
+        io = trainer.strategy.checkpoint_io
+        if isinstance(io, RunCheckpointIO):
+            io.commit(wait=wait)  # rank 0 holds the save point; the other ranks have nothing to commit
+            if wait:
+                trainer.strategy.barrier("LastCheckpoint.save")  # every rank leaves with the file written
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # Lightning calls this before its teardown, which finishes a save still in flight: that one, of an earlier
+        # step, is good. A save point gathered when the error came is not written; Ctrl-C gives the write up
+        io = trainer.strategy.checkpoint_io
+        if isinstance(io, RunCheckpointIO) and isinstance(exception, KeyboardInterrupt):
+            io.cancel()
+        elif isinstance(io, RunCheckpointIO):
+            io.discard()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._saved_step = trainer.global_step  # a resumed run's step is in the file it resumed from
@@ -161,48 +180,18 @@ def save_last_checkpoint(trainer: L.Trainer) -> Optional[str]:
     """Writes the checkpoint `--ckpt_path last` resumes, where the trainer's checkpoint callbacks keep it, now (on
     every rank: a collective under DDP); returns its path, or None when no callback keeps one.
 
-    Through LastCheckpoint.save when there is one, so that the callback does not write the same step again.
+    Through LastCheckpoint.save when there is one, so that the callback does not write the same step again; the run
+    is stopping, so the file is written before this returns (also with async saves), and a second Ctrl-C during the
+    write abandons it, the previous files intact.
     """
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, LastCheckpoint):
-            callback.save(trainer)
+            callback.save(trainer, wait=True)
             return callback.filepath
         if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath:
             path = callback.format_checkpoint_name({}, callback.CHECKPOINT_NAME_LAST)
             trainer.save_checkpoint(path, weights_only=False)
+            if isinstance(trainer.strategy.checkpoint_io, RunCheckpointIO):
+                trainer.strategy.checkpoint_io.commit(wait=True)
             return path
     return None
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint IO, writing atomically in the target's own directory and reading safely.
-
-    A write that fails for lack of space, a file size limit, a read-only or vanished run dir is a StorageError
-    naming the file, its size and the newest intact checkpoint; its temp file is gone, the older files untouched.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._written_dirs: set[Path] = set()  # dirs this run saved into: never silently created again
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
-        path = Path(path)
-        try:
-            if path.parent in self._written_dirs and not path.parent.is_dir():
-                # deleted or unmounted under the run: recreating it would scatter the run over two places
-                raise FileNotFoundError(errno.ENOENT, "the directory is gone", str(path.parent))
-            atomic_save(checkpoint, path)
-        except Exception as e:
-            failure = storage_failure(e)
-            if failure is None:
-                raise
-            raise storage_error(failure, path, path.parent, tensor_bytes(checkpoint, set())) from None
-        self._written_dirs.add(path.parent)
-
-    def load_checkpoint(self, path: Any, map_location: Optional[Any] = None, weights_only: Optional[bool] = None):
-        return read_checkpoint(path, map_location=map_location or "cpu")
-
-    def remove_checkpoint(self, path: Any) -> None:
-        Path(path).unlink(missing_ok=True)

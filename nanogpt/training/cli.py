@@ -30,7 +30,7 @@ from lightning.pytorch.plugins.precision import Precision
 
 from nanogpt.training.checkpointing import run_checkpoints
 from nanogpt.io import pick_resume_checkpoint, read_checkpoint, storage_error, storage_failure
-from nanogpt.training.checkpointing import AtomicCheckpointIO
+from nanogpt.training.checkpoint_io import RunCheckpointIO
 from nanogpt.data.datamodule import CharDataModule
 from nanogpt.training.strategies import apply_ddp_defaults
 from nanogpt.errors import NanoGPTError, exit_with
@@ -76,6 +76,8 @@ def resolve_ckpt_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
     if ckpt_path == "last":
         # last.ckpt, or the newest readable step checkpoint when it is damaged (saying so); never a silent fresh start
         return str(pick_resume_checkpoint(ckpt_dir))
+    if ckpt_path == "best" and not Path(ckpt_path).is_file():
+        ckpt_path = str(ckpt_dir / "best.ckpt")  # the lowest val/loss so far (a file named "best" here wins)
     path = Path(ckpt_path)
     if not path.is_file():
         raise NanoGPTError(f"checkpoint {ckpt_path} does not exist; pass an existing .ckpt file or --ckpt_path last")
@@ -112,7 +114,7 @@ class GPTLightningCLI(LightningCLI):
             "--ckpt_path",
             type=Optional[str],
             default=None,
-            help="resume from 'last' (RUN/checkpoints/last.ckpt) or from a checkpoint file",
+            help="resume from 'last' (RUN/checkpoints/last.ckpt), 'best' (RUN/checkpoints/best.ckpt) or a file",
         )
         parser.add_argument(
             "--logger",
@@ -141,6 +143,12 @@ class GPTLightningCLI(LightningCLI):
             type=int,
             default=2,
             help="keep this many step-N.ckpt files (older good checkpoints) besides last.ckpt and best.ckpt",
+        )
+        parser.add_argument(
+            "--checkpoint.async_save",
+            type=bool,
+            default=True,
+            help="write checkpoints in a background thread: a save blocks training only while the state is copied",
         )
         parser.link_arguments("model.block_size", "data.block_size")
         # only the data knows the vocabulary: hand its size to the model once the data module exists
@@ -215,7 +223,8 @@ class GPTLightningCLI(LightningCLI):
         plugins = trainer_config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
-            plugins.append(AtomicCheckpointIO())  # writes in the run dir itself (not $TMPDIR), fsynced, renamed
+            # writes in the run dir itself (not $TMPDIR), fsynced, renamed; once per save, the other names linked
+            plugins.append(RunCheckpointIO(async_save=self.config.get("checkpoint").async_save))
         fp16 = cpu_fp16_plugin(trainer_config.get("precision"), trainer_config.get("accelerator"))
         if fp16 is not None and not any(isinstance(p, Precision) for p in plugins):
             plugins.append(fp16)  # fp16 on a CPU as asked, not Lightning's bf16 in its place

@@ -89,15 +89,23 @@ def test_data_with_a_tokenizer_file_times_the_encoding_alone(benchmarks, capsys,
 def test_checkpoint_times_save_load_and_an_interrupted_run(benchmarks, capsys):
     import checkpoint_speed
 
-    checkpoint_speed.main(["--repeats", "1", "--resume_steps", "100", "--workdir", str(benchmarks)])
+    checkpoint_speed.main(["--config", str(REPO / "configs" / "tiny.yaml"), "--saves", "3", "--repeats", "1",
+                           "--resume_steps", "100", "--workdir", str(benchmarks)])
     last = _last_json_line(capsys)
-    # the lecture model (10.7M parameters) with AdamW's two moments: about 3 x 43 MB in float32
-    assert 100 < last["checkpoint_mb"] < 200
-    for key in ("save_atomic_s", "save_plain_torch_s", "load_s", "check_s"):
+    # the tiny model with AdamW's two moments: 3 x 4 bytes x its parameters, in one file
+    assert 3 * 4 * last["parameters"] < last["checkpoint_bytes"] < 1.2 * 3 * 4 * last["parameters"]
+    for key in ("blocked_s_sync", "blocked_s_async", "blocked_s_lightning_async_clone", "write_s_async", "load_s",
+                "check_s"):
         assert last[key] >= 0, key
+    # three names a save, one file written: the bytes of one checkpoint (sync and async alike)
+    for kind in ("sync", "async"):
+        assert last[f"bytes_written_per_save_{kind}"] < 1.1 * last["checkpoint_bytes"], kind
+        # best.ckpt, the two newest step files and last.ckpt (the newest step's file): at most 3 files' worth
+        assert last[f"checkpoints_on_disk_{kind}"] <= 3.1, kind
     # the interrupted run was stopped by SIGTERM at its step-50 checkpoint and resumed to step 100 (the benchmark
     # raises if either exit code is wrong)
     assert last["resume_steps"] == 100 and last["straight_s"] > 0 and last["interrupted_plus_resumed_s"] > 0
+    assert last["run_dir_checkpoints"] <= 3.1  # keep_last_k 2, plus one
     assert not list(benchmarks.iterdir())  # its folder deleted
 
 

@@ -135,9 +135,11 @@ def straight(tmp_path_factory, nanogpt_cache) -> Path:
 
 
 @pytest.mark.slow
-def test_stop_and_resume_between_validations_is_bit_exact(straight, nanogpt_cache, tmp_path):
+@pytest.mark.parametrize("first_async", ["true", "false"], ids=["async", "sync-then-async"])
+def test_stop_and_resume_between_validations_is_bit_exact(straight, nanogpt_cache, tmp_path, first_async):
+    # the straight run saved in the background (the default); the first half here in either way
     run = tmp_path / "run"
-    first = train(run, nanogpt_cache, max_steps=35)  # stops between the validations at 25 and 50
+    first = train(run, nanogpt_cache, "--checkpoint.async_save", first_async, max_steps=35)  # between 25 and 50
     assert first.returncode == 0, first.stderr[-3000:]
     assert load(run / "checkpoints" / "last.ckpt")["global_step"] == 35
     second = train(run, nanogpt_cache, resume=True)
@@ -172,6 +174,11 @@ def test_step_checkpoints_are_kept_for_the_last_k_steps(straight):
     assert sorted(p.name for p in ckpts.iterdir()) == [
         "best.ckpt", "last.ckpt", "step-00000050.ckpt", "step-00000060.ckpt"
     ]  # keep_last_k=2, no temp files left
+    # one write per save: last.ckpt is step 60's file; best.ckpt the file of the validation at 50, which
+    # step-00000050.ckpt (written just before it, at the same step) now names too: two files' worth of data
+    inode = {p.name: p.stat().st_ino for p in ckpts.iterdir()}
+    assert inode["last.ckpt"] == inode["step-00000060.ckpt"] and inode["best.ckpt"] == inode["step-00000050.ckpt"]
+    assert len(set(inode.values())) == 2, inode
     assert load(ckpts / "step-00000050.ckpt")["global_step"] == 50
     assert load(ckpts / "best.ckpt")["global_step"] == 50  # judged at the validation of step 50
     assert load(ckpts / "step-00000060.ckpt")["global_step"] == load(ckpts / "last.ckpt")["global_step"] == 60
