@@ -33,7 +33,7 @@ from torch.nn import functional as F
 
 from nanogpt.tokenizers.bpe import encoding_pieces
 from nanogpt.io import resolve_checkpoint
-from nanogpt.data.datamodule import CharDataModule
+from nanogpt.data.datamodule import TextDataModule
 from nanogpt.data.blocks import val_block_starts
 from nanogpt.errors import NanoGPTError, reported_errors
 from nanogpt.io import load_checkpoint
@@ -169,11 +169,11 @@ def run_dir_of(spec: str, split: str) -> Path:
 
 
 def run_split_tokens(spec: str, split: str, block_size: int) -> tuple[np.ndarray, Windows]:
-    """The run's validation tokens and the very blocks its val/loss is computed on (CharDataModule's)."""
+    """The run's validation tokens and the very blocks its val/loss is computed on (TextDataModule's)."""
     run = run_dir_of(spec, split)
     config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
     data = {k: v for k, v in (config.get("data") or {}).items() if k != "block_size"}
-    dm = CharDataModule(**data, block_size=block_size)
+    dm = TextDataModule(**data, block_size=block_size)
     dm.setup()
     tokens = dm.val_tokens
     return tokens, fixed_windows(val_block_starts(len(tokens), block_size, dm.val_blocks), block_size)

@@ -20,7 +20,7 @@ from nanogpt.data.token_cache import CorpusConfig, prepare_corpus
 from nanogpt.tokenizers.char import Tokenizer
 
 
-class CharDataModule(L.LightningDataModule):
+class TextDataModule(L.LightningDataModule):
     """Text for GPT training, as characters or subword tokens (see CorpusConfig.tokenizer).
 
     Args:
@@ -99,22 +99,22 @@ class CharDataModule(L.LightningDataModule):
         need = self.block_size + 1
         if len(tokens) < need:
             raise NanoGPTError(
-                f"data source {self.corpus.source} has {len(tokens)} characters, fewer than block_size+1 = {need}; "
+                f"data source {self.corpus.source} has {len(tokens)} tokens, fewer than block_size+1 = {need}; "
                 "use more text or a smaller --model.block_size"
             )
         if n_train < need:
             raise NanoGPTError(
-                f"the training split has {n_train} characters, fewer than block_size+1 = {need}; "
+                f"the training split has {n_train} tokens, fewer than block_size+1 = {need}; "
                 "lower --data.val_fraction or --model.block_size, or use more text"
             )
         if corpus.val is not None and len(corpus.val) < need:
             raise NanoGPTError(
-                f"the validation source {self.corpus.val_source} has {len(corpus.val)} characters, "
+                f"the validation source {self.corpus.val_source} has {len(corpus.val)} tokens, "
                 f"fewer than block_size+1 = {need}; use more validation text or a smaller --model.block_size"
             )
         if corpus.val is None and n_val < need:
             raise NanoGPTError(
-                f"the validation split has {n_val} characters (val_fraction={self.val_fraction}), fewer than "
+                f"the validation split has {n_val} tokens (val_fraction={self.val_fraction}), fewer than "
                 f"block_size+1 = {need}; raise --data.val_fraction or lower --model.block_size, or use more text"
             )
         self._tokens, self._tokenizer, self._val = tokens, tokenizer, corpus.val
@@ -208,3 +208,7 @@ class CharDataModule(L.LightningDataModule):
         # its own generator: each validation's iterator draws a base seed from it, not from the global RNG that
         # dropout uses, so validating never shifts the training's random stream
         return DataLoader(ds, batch_size=None, generator=torch.Generator())
+
+
+# the name before subword tokens came: config.yaml files and scripts that name it keep working
+CharDataModule = TextDataModule

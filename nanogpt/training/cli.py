@@ -30,7 +30,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from nanogpt.training.checkpointing import run_checkpoints
 from nanogpt.io import pick_resume_checkpoint, read_checkpoint, storage_error, storage_failure
 from nanogpt.training.checkpointing import AtomicCheckpointIO
-from nanogpt.data.datamodule import CharDataModule
+from nanogpt.data.datamodule import TextDataModule
 from nanogpt.training.strategies import apply_ddp_defaults
 from nanogpt.errors import NanoGPTError, exit_with
 from nanogpt.training.fault import FaultTolerance, TrainingInterrupted
@@ -88,7 +88,7 @@ def default_precision() -> str:
 
 
 class GPTLightningCLI(LightningCLI):
-    """LightningCLI for GPTModule and CharDataModule, with a run dir, resume and sensible defaults.
+    """LightningCLI for GPTModule and TextDataModule, with a run dir, resume and sensible defaults.
 
     run_dir_lock: where the run dir's lock (nanogpt/training/runlock.py) is held until the run ends; main() passes an
     ExitStack it closes on every exit. None (a CLI built in process, as tests do) takes no lock.
@@ -100,7 +100,7 @@ class GPTLightningCLI(LightningCLI):
         self.resume_step = 0  # the step the run continues from (0 for a new run)
         super().__init__(
             GPTModule,
-            CharDataModule,
+            TextDataModule,
             args=args,
             run=False,
             trainer_defaults=TRAINER_DEFAULTS,

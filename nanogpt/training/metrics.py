@@ -138,7 +138,7 @@ class TrainingMonitor(Callback):
     def _global_batch(trainer: L.Trainer) -> int:
         """Sequences in one optimizer step over all devices and accumulation micro-steps.
 
-        data.batch_size is that global batch already (CharDataModule splits it into micro-batches); a data module
+        data.batch_size is that global batch already (TextDataModule splits it into micro-batches); a data module
         without a batch plan is taken to give each device batch_size sequences per micro-step.
         """
         dm = trainer.datamodule
