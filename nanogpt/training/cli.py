@@ -46,7 +46,7 @@ from nanogpt.training.runlock import RunLock, is_global_rank_zero
 TRAINER_DEFAULTS: dict[str, Any] = {
     "max_epochs": -1,  # the training stream is endless: max_steps ends the run
     "max_steps": 5000,
-    "val_check_interval": 250,  # optimizer steps between validations (the CLI scales it by the accumulation)
+    "val_check_interval": 250,  # optimizer steps between validations (apply_batch_plan scales it by the accumulation)
     "check_val_every_n_epoch": None,
     "log_every_n_steps": 10,
     "gradient_clip_val": 1.0,
@@ -230,12 +230,9 @@ class GPTLightningCLI(LightningCLI):
                 "FSDP needs GPUs (PyTorch's FSDP does not run on CPU); use --trainer.accelerator gpu, "
                 "or --trainer.strategy ddp to train on CPU processes"
             )
-        # the world size is known once the Trainer exists: refuse a global batch that does not divide now,
-        # before any process is launched
-        plan = self.datamodule.apply_batch_plan(trainer)
-        if isinstance(trainer.val_check_interval, int):
-            # Lightning counts val_check_interval in micro-batches: keep it in optimizer steps on any device count
-            trainer.val_check_interval *= plan.accumulation
+        # the world size is known once the Trainer exists: plan the global batch now (refusing one that does not
+        # divide before any process is launched), with validation counted in optimizer steps
+        self.datamodule.apply_batch_plan(trainer)
         return trainer
 
 

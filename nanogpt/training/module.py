@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torchmetrics import MeanMetric
 
+from nanogpt.data.datamodule import TextDataModule, batch_plan_of
 from nanogpt.training.resume import capture_rng_state, check_resume_config, restore_rng_state
 from nanogpt.training.strategies import all_reduce
 from nanogpt.errors import NanoGPTError
@@ -241,8 +242,8 @@ class GPTModule(L.LightningModule):
         if stage == "fit" and self.hparams.init_from:
             # every rank reads the same files; when resuming, Lightning then puts the checkpoint's weights over these
             load_pretrained_weights(self.model, self.hparams.init_from)
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "tokenizer"):
+        datamodule = self.trainer.datamodule
+        if isinstance(datamodule, TextDataModule):  # set up before this module (see nanogpt/training/__init__.py)
             self._set_tokenizer(datamodule.tokenizer)
             if self.tokenizer.vocab_size != self.config.vocab_size:
                 raise NanoGPTError(
@@ -257,7 +258,7 @@ class GPTModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         # the split of the global batch in use, once: on the console and as scalars at the start step
-        plan = getattr(getattr(self.trainer, "datamodule", None), "batch_plan", None)
+        plan = batch_plan_of(self.trainer)
         if plan is not None:
             rank_zero_info(f"batch: {plan.describe()}")
             if self.logger is not None:  # loggers write on rank 0 only
@@ -334,3 +335,16 @@ def tokenizer_change(stored: Tokenizer, current: Tokenizer) -> str:
         f"the checkpoint's tokenizer is {stored.describe()} but the data's is {current.describe()}; "
         "resume with the --data.tokenizer the run was trained with, or start a new run"
     )
+
+
+def require_gpt_module(pl_module: L.LightningModule, callback: object, reads: str) -> GPTModule:
+    """pl_module, checked to be the GPTModule whose state the callback reads (what it reads, in words).
+
+    Callbacks call this in their setup hook, so any other LightningModule fails before training starts, in one line.
+    """
+    if not isinstance(pl_module, GPTModule):
+        raise TypeError(
+            f"{type(callback).__name__} reads {reads} of a nanogpt.training.module.GPTModule, but the Trainer runs a "
+            f"{type(pl_module).__name__}; train a GPTModule, or leave {type(callback).__name__} out of the callbacks"
+        )
+    return pl_module
