@@ -1,6 +1,7 @@
 """The DataModule's loaders, the path training uses: pure batches, ranks that split the global batch, resume."""
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
 import numpy as np
 import pytest
 import torch
@@ -30,6 +31,9 @@ def datamodule(corpus, tmp_path, rank=0, world=1, **kw):
     if world > 1:
         trainer.strategy.cluster_environment.set_world_size(world)
         trainer.strategy.cluster_environment.set_global_rank(rank)
+        # set_global_rank also sets Lightning's process-wide rank_zero_only.rank: this test process stays rank 0, or
+        # the tests after it would log through dummy loggers
+        rank_zero_only.rank = 0
     assert (trainer.global_rank, trainer.world_size) == (rank, world)
     dm.trainer = trainer
     dm.setup("fit")
