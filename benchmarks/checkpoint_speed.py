@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from nanogpt.io import check_resumable, read_checkpoint
+from nanogpt.io import check_resumable, read_checkpoint, step_checkpoint_name
 from nanogpt.training.checkpointing import AtomicCheckpointIO
 from nanogpt.training.resume import capture_rng_state
 from nanogpt.model import GPT, GPTConfig
@@ -88,7 +88,7 @@ def train(run: Path, steps: int, resume: bool = False, stop_at: int | None = Non
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if stop_at is not None:
-        marker = run / "checkpoints" / f"step-{stop_at:08d}.ckpt"
+        marker = run / "checkpoints" / step_checkpoint_name(stop_at)
         while not marker.exists() and proc.poll() is None:
             time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)

@@ -14,7 +14,7 @@ import sys
 from typing import Any, Iterator, Optional
 
 from nanogpt.errors import ArgumentParser, NanoGPTError, reported_errors
-from nanogpt.generate import pick_device, stream
+from nanogpt.generate import SamplingSettings, pick_device, stream
 from nanogpt.io import load_checkpoint
 from nanogpt.model import GPT
 from nanogpt.tokenizers.char import Tokenizer
@@ -32,11 +32,11 @@ def generate_text(
     max_length: int,
 ) -> Iterator[str]:
     """Yields the prompt plus the text generated so far, growing as tokens come (whole characters only);
-    length, in tokens, is capped."""
-    length = max(0, min(int(length), max_length))
+    length, in tokens, is capped. The values come from the page's sliders (floats), hence the conversions."""
+    settings = SamplingSettings(max_new_tokens=max(0, min(int(length), max_length)), temperature=float(temperature),
+                                top_k=int(top_k), top_p=float(top_p), seed=int(seed))
     text = prompt
-    pieces = stream(model, tokenizer, prompt, 1, length, float(temperature), int(top_k), int(seed), float(top_p))
-    for piece in pieces:
+    for piece in stream(model, tokenizer, prompt, settings):
         text += piece[0]
         yield text
 
@@ -53,14 +53,16 @@ def build_demo(model: GPT, tokenizer: Tokenizer, max_length: int = 2000, title: 
             raise gr.Error(str(e)) from None
 
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
-        unit = "characters" if tokenizer.kind == "char" else "tokens"
+        unit, defaults = tokenizer.unit, SamplingSettings()
         gr.Markdown(f"# {title}\nA GPT ({model.num_params() / 1e6:.2f}M parameters, context "
                     f"{model.config.block_size} tokens, tokenizer {tokenizer.describe()}). "
                     "Type a prompt and press Generate.")
         prompt = gr.Textbox(label="Prompt", value="ROMEO:", lines=3)
         with gr.Row():
-            length = gr.Slider(1, max_length, value=min(500, max_length), step=1, label=f"{unit.capitalize()} to generate")
-            temperature = gr.Slider(0.0, 2.0, value=0.8, step=0.05, label="Temperature (0 = most likely)")
+            length = gr.Slider(1, max_length, value=min(defaults.max_new_tokens, max_length), step=1,
+                               label=f"{unit.capitalize()} to generate")
+            temperature = gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05,
+                                    label="Temperature (0 = most likely)")
         with gr.Row():
             top_k = gr.Slider(1, tokenizer.vocab_size, value=tokenizer.vocab_size, step=1, label="Top-k")
             top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,17 +30,18 @@ import torch
 import yaml
 from torch.nn import functional as F
 
-from nanogpt.tokenizers.bpe import encoding_pieces
-from nanogpt.io import resolve_checkpoint
-from nanogpt.data.datamodule import TextDataModule
-from nanogpt.data.blocks import val_block_starts
+from nanogpt.data.sources import SourceFlags, open_source
+from nanogpt.data.splits import run_validation_blocks
+from nanogpt.data.token_cache import encode_text, token_dtype
 from nanogpt.errors import NanoGPTError, reported_errors
-from nanogpt.io import load_checkpoint
-from nanogpt.model import GPT
 from nanogpt.hf.pretrained import load_pretrained, pretrained_tokenizer
-from nanogpt.data.sources import CHUNK_CHARS, join_documents, open_source, rechunk
-from nanogpt.data.token_cache import token_dtype
-from nanogpt.tokenizers.char import CharTokenizer, Tokenizer, describe_chars
+from nanogpt.io import load_checkpoint, resolve_checkpoint
+from nanogpt.model import GPT
+from nanogpt.tokenizers.char import Tokenizer, describe_chars
+
+# the flags nanogpt-eval reads its text with: a source's errors name these
+EVAL_FLAGS = SourceFlags(source="--source", split="--hf_split", glob="--glob", text_column="--text_column",
+                         hf_config="--hf_config")
 
 
 def token_bytes(tokenizer: Tokenizer) -> np.ndarray:
@@ -63,26 +63,15 @@ def load_model(spec: str, device: str = "cpu") -> tuple[GPT, Tokenizer]:
 def encode_source(source: str, tokenizer: Tokenizer, max_tokens: Optional[int] = None, separator: str = "\n\n",
                   **reader: Any) -> np.ndarray:
     """The source's text as token ids (its first max_tokens), read in chunks by the package's source readers
-    (reader: open_source's split, glob, text_column and hf_config) with separator between documents."""
-    src = open_source(source, **reader)
-    chunks = rechunk(join_documents(src.documents(lambda _: None, CHUNK_CHARS), separator))
-    if not isinstance(tokenizer, CharTokenizer):
-        chunks = encoding_pieces(chunks)  # cut where encoding the pieces gives the ids of the whole text
-    dtype = token_dtype(tokenizer.vocab_size)  # the narrowest that holds every id: a large text stays small
-    parts, n, unknown = [], 0, Counter()
-    for chunk in chunks:
-        ids, bad = tokenizer.encode_known(chunk, dtype)
-        unknown.update(bad)
-        if unknown:
-            continue  # read on only to list every unknown character
-        parts.append(ids)
-        n += len(ids)
-        if max_tokens is not None and n >= max_tokens:
-            break
+    (reader: open_source's split, glob, text_column and hf_config) with separator between documents, and encoded
+    the way the token cache encodes a corpus."""
+    text = open_source(source, **reader, flags=EVAL_FLAGS).text(separator)
+    parts: list[np.ndarray] = []
+    _, unknown = encode_text(text, tokenizer, parts.append, max_tokens=max_tokens)
     if unknown:
         raise NanoGPTError(f"{source} has characters outside the model's vocabulary: {describe_chars(unknown)}; "
                            "remove them from the text (a character model knows only its training characters)")
-    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=token_dtype(tokenizer.vocab_size))
     return tokens[:max_tokens] if max_tokens is not None else tokens
 
 
@@ -169,14 +158,11 @@ def run_dir_of(spec: str, split: str) -> Path:
 
 
 def run_split_tokens(spec: str, split: str, block_size: int) -> tuple[np.ndarray, Windows]:
-    """The run's validation tokens and the very blocks its val/loss is computed on (TextDataModule's)."""
+    """The run's validation tokens and the very blocks its val/loss is computed on (as its DataModule serves them)."""
     run = run_dir_of(spec, split)
     config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
-    data = {k: v for k, v in (config.get("data") or {}).items() if k != "block_size"}
-    dm = TextDataModule(**data, block_size=block_size)
-    dm.setup()
-    tokens = dm.val_tokens
-    return tokens, fixed_windows(val_block_starts(len(tokens), block_size, dm.val_blocks), block_size)
+    tokens, starts = run_validation_blocks(config.get("data") or {}, block_size)
+    return tokens, fixed_windows(starts, block_size)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,7 +220,7 @@ def evaluate(args: argparse.Namespace, fabric: Any) -> Optional[dict[str, Any]]:
                        fabric.world_size, fabric.autocast)
     if fabric.world_size > 1:
         sums = fabric.all_reduce(sums.to(fabric.device), reduce_op="sum").cpu()  # each row from one rank, others 0
-    result = summarize(sums, isinstance(tokenizer, CharTokenizer))
+    result = summarize(sums, tokenizer.kind == "char")
     result.update(windows=len(windows.starts), block_size=block_size,
                   stride=None if args.split else (args.stride or block_size), ckpt=args.ckpt,
                   source=args.source if args.source is not None else f"{args.split} split of the run",
@@ -266,7 +252,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         device = pick_device(args.device)
         accelerator = "gpu" if device == "cuda" else "cpu"
         strategy = "ddp" if args.devices > 1 else "auto"
-        fabric = L.Fabric(accelerator=accelerator, devices=args.devices, strategy=strategy, precision=args.precision)
+        precision, plugins = args.precision, None
+        if precision == "16-mixed" and accelerator == "cpu":
+            # Lightning would compute in bf16 instead (with a warning); torch autocasts fp16 on CPUs: run what was asked
+            from lightning.fabric.plugins import MixedPrecision
+
+            precision, plugins = None, MixedPrecision("16-mixed", "cpu")
+        fabric = L.Fabric(accelerator=accelerator, devices=args.devices, strategy=strategy, precision=precision,
+                          plugins=plugins)
         fabric.launch()
         result = evaluate(args, fabric)
     if fabric.global_rank == 0:

@@ -8,16 +8,16 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional, get_args, get_type_hints
 
 import torch
 
-from nanogpt.io import load_checkpoint
 from nanogpt.errors import ArgumentParser, NanoGPTError, reported_errors
+from nanogpt.io import load_checkpoint
 from nanogpt.model import GPT
 from nanogpt.tokenizers.char import StreamDecoding, Tokenizer, describe_chars
-
 
 
 def pick_device(device: str) -> str:
@@ -28,28 +28,52 @@ def pick_device(device: str) -> str:
     return device
 
 
-def check_sampling(
-    num_samples: int = 1,
-    max_new_tokens: int = 500,
-    temperature: float = 0.8,
-    top_k: Optional[int] = 200,
-    top_p: Optional[float] = None,
-    stop: Optional[str] = None,
-    flag: str = "",
-) -> None:
-    """Rejects sampling values that make no sense, naming each as `flag + name` (e.g. "--top_p")."""
-    if num_samples < 1:
-        raise NanoGPTError(f"{flag}num_samples must be at least 1, got {num_samples}")
-    if max_new_tokens < 0:
-        raise NanoGPTError(f"{flag}max_new_tokens must be 0 or more, got {max_new_tokens}")
-    if not temperature >= 0:  # also catches nan
-        raise NanoGPTError(f"{flag}temperature must be 0 or more (0 is greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise NanoGPTError(f"{flag}top_k must be at least 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise NanoGPTError(f"{flag}top_p must be in (0, 1] (1 keeps every token), got {top_p}")
-    if stop is not None and not stop:
-        raise NanoGPTError(f"{flag}stop is empty; give at least one character or leave it out")
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How to sample: shared by sample, stream, sample.py's flags (one --NAME each, defaults from here) and the demo.
+
+    temperature 0 is greedy; top_k and top_p (nucleus) narrow the choice; stop ends a sample before that string;
+    the same seed gives the same texts, with or without the KV cache (use_cache False: sample.py's --no_cache).
+    """
+
+    num_samples: int = 1
+    max_new_tokens: int = 500
+    temperature: float = 0.8
+    top_k: Optional[int] = 200
+    top_p: Optional[float] = None
+    stop: Optional[str] = None
+    seed: Optional[int] = None
+    use_cache: bool = True
+
+    def check(self, flag: str = "") -> None:
+        """Rejects values that make no sense, naming each as `flag + name` (e.g. "--top_p")."""
+        if self.num_samples < 1:
+            raise NanoGPTError(f"{flag}num_samples must be at least 1, got {self.num_samples}")
+        if self.max_new_tokens < 0:
+            raise NanoGPTError(f"{flag}max_new_tokens must be 0 or more, got {self.max_new_tokens}")
+        if not self.temperature >= 0:  # also catches nan
+            raise NanoGPTError(f"{flag}temperature must be 0 or more (0 is greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise NanoGPTError(f"{flag}top_k must be at least 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise NanoGPTError(f"{flag}top_p must be in (0, 1] (1 keeps every token), got {self.top_p}")
+        if self.stop is not None and not self.stop:
+            raise NanoGPTError(f"{flag}stop is empty; give at least one character or leave it out")
+
+
+# sample.py's help for the settings whose flag needs one (the flag of each is --NAME, use_cache's --no_cache)
+SETTING_HELP = {
+    "temperature": "0 picks the most likely token",
+    "top_k": "sample only among the k most likely tokens",
+    "top_p": "nucleus sampling: only the most likely tokens that together reach probability P",
+    "stop": "end a sample before this string (backslash escapes work: --stop '\\n\\n')",
+    "seed": "fix the random seed for reproducible samples",
+}
+
+
+def _settings(settings: Optional[SamplingSettings], overrides: dict[str, Any]) -> SamplingSettings:
+    """settings (default: the defaults) with the fields named in overrides replaced."""
+    return replace(settings or SamplingSettings(), **overrides)
 
 
 def _held_back(text: str, stop: str) -> int:
@@ -64,14 +88,8 @@ def stream(
     model: GPT,
     tokenizer: Tokenizer,
     prompt: str = "\n",
-    num_samples: int = 1,
-    max_new_tokens: int = 500,
-    temperature: float = 0.8,
-    top_k: Optional[int] = 200,
-    seed: Optional[int] = None,
-    top_p: Optional[float] = None,
-    stop: Optional[str] = None,
-    use_cache: bool = True,
+    settings: Optional[SamplingSettings] = None,
+    **overrides: Any,
 ) -> Iterator[list[str]]:
     """Generates num_samples continuations of prompt as one batch, yielding each sample's new text as it comes.
 
@@ -79,9 +97,11 @@ def stream(
     character yields nothing until the character is complete. A sample ends before the first occurrence
     of stop in its generated text (stop itself is not returned), even when it spans several tokens;
     characters that might begin stop are held back until they are known not to. Generation ends when every
-    sample has stopped or after max_new_tokens tokens.
+    sample has stopped or after max_new_tokens tokens. overrides replace fields of settings (SamplingSettings).
     """
-    check_sampling(num_samples, max_new_tokens, temperature, top_k, top_p, stop)
+    settings = _settings(settings, overrides)
+    settings.check()
+    stop, num_samples = settings.stop, settings.num_samples
     if not prompt:
         raise NanoGPTError("the prompt is empty; give at least one character (the default is a newline)")
     if stop is not None and tokenizer.unknown_chars(stop):
@@ -94,8 +114,9 @@ def stream(
     ids = torch.as_tensor(prompt_ids, device=device)
     idx = ids.unsqueeze(0).repeat(num_samples, 1)  # (num_samples, prompt tokens)
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else torch.seed())
-    tokens = model.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache)
+    generator.manual_seed(settings.seed if settings.seed is not None else torch.seed())
+    tokens = model.generate_tokens(idx, settings.max_new_tokens, settings.temperature, settings.top_k, settings.top_p,
+                                   generator, settings.use_cache)
     # one decoder per sample, each primed with the prompt (a subword decoder may depend on what came before)
     decoders = [tokenizer.stream_decoder(prompt_ids.tolist()) for _ in range(num_samples)]
     # a plain function around the generator: bad values fail at the call, not at the first token
@@ -144,23 +165,16 @@ def sample(
     model: GPT,
     tokenizer: Tokenizer,
     prompt: str = "\n",
-    num_samples: int = 1,
-    max_new_tokens: int = 500,
-    temperature: float = 0.8,
-    top_k: Optional[int] = 200,
-    seed: Optional[int] = None,
-    top_p: Optional[float] = None,
-    stop: Optional[str] = None,
-    use_cache: bool = True,
+    settings: Optional[SamplingSettings] = None,
+    **overrides: Any,
 ) -> list[str]:
     """Generates num_samples continuations of prompt, as one batch; each returned text includes the prompt.
 
-    temperature 0 is greedy; top_k and top_p (nucleus) restrict sampling; stop ends a sample before that
-    string; the same seed gives the same texts, with or without the KV cache.
+    settings (with overrides, e.g. max_new_tokens=100) say how: see SamplingSettings.
     """
-    texts = [prompt] * num_samples
-    for pieces in stream(model, tokenizer, prompt, num_samples, max_new_tokens, temperature, top_k, seed, top_p,
-                         stop, use_cache):
+    settings = _settings(settings, overrides)
+    texts = [prompt] * settings.num_samples
+    for pieces in stream(model, tokenizer, prompt, settings):
         texts = [t + p for t, p in zip(texts, pieces)]
     return texts
 
@@ -181,29 +195,30 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--prompt", default=None, help="text to continue (default: a newline)")
     g.add_argument("--prompt_file", default=None, help="read the prompt from this UTF-8 file")
-    p.add_argument("--num_samples", type=int, default=1)
-    p.add_argument("--max_new_tokens", type=int, default=500)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token")
-    p.add_argument("--top_k", type=int, default=200, help="sample only among the k most likely tokens")
-    p.add_argument("--top_p", type=float, default=None,
-                   help="nucleus sampling: only the most likely tokens that together reach probability P")
-    p.add_argument("--stop", default=None,
-                   help="end a sample before this string (backslash escapes work: --stop '\\n\\n')")
-    p.add_argument("--seed", type=int, default=None, help="fix the random seed for reproducible samples")
+    hints = get_type_hints(SamplingSettings)
+    for f in fields(SamplingSettings):
+        if f.name == "use_cache":
+            p.add_argument("--no_cache", dest="use_cache", action="store_false",
+                           help="recompute the whole context every step instead of using the KV cache (same text, "
+                           "slower)")
+        else:
+            kind = next((a for a in get_args(hints[f.name]) if a is not type(None)), hints[f.name])  # Optional[X]: X
+            p.add_argument(f"--{f.name}", type=kind, default=f.default, help=SETTING_HELP.get(f.name))
     p.add_argument("--stream", action="store_true", help="print text as it is generated (one sample)")
-    p.add_argument("--no_cache", action="store_true",
-                   help="recompute the whole context every step instead of using the KV cache (same text, slower)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p
 
 
-def check_args(args: argparse.Namespace) -> None:
-    if args.stop is not None:
-        args.stop = unescape(args.stop, "--stop")
-    check_sampling(args.num_samples, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.stop,
-                   flag="--")
-    if args.stream and args.num_samples > 1:
+def settings_of(args: argparse.Namespace) -> SamplingSettings:
+    """The sampling settings of sample.py's flags, checked (a mistake names its flag)."""
+    values = {f.name: getattr(args, f.name) for f in fields(SamplingSettings)}
+    if values["stop"] is not None:
+        values["stop"] = unescape(values["stop"], "--stop")
+    settings = SamplingSettings(**values)
+    settings.check(flag="--")
+    if args.stream and settings.num_samples > 1:
         raise NanoGPTError("--stream prints one sample as it is generated; drop --stream or use --num_samples 1")
+    return settings
 
 
 def read_prompt(args: argparse.Namespace) -> str:
@@ -221,21 +236,18 @@ def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of sample.py and nanogpt-sample."""
     args = build_parser().parse_args(argv)
     with reported_errors():
-        check_args(args)
+        settings = settings_of(args)
         prompt = read_prompt(args)
         model, tokenizer = load_checkpoint(args.ckpt, pick_device(args.device))
-        settings = dict(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, top_k=args.top_k, seed=args.seed, top_p=args.top_p,
-                        stop=args.stop, use_cache=not args.no_cache)
         if args.stream:
-            pieces = stream(model, tokenizer, prompt, **settings)
+            pieces = stream(model, tokenizer, prompt, settings)
             print(prompt, end="", flush=True)
             for piece in pieces:
                 print(piece[0], end="", flush=True)
             print()
             return
-        texts = sample(model, tokenizer, prompt, **settings)
+        texts = sample(model, tokenizer, prompt, settings)
     for i, text in enumerate(texts):
-        if args.num_samples > 1:
+        if settings.num_samples > 1:
             print(f"---------- sample {i + 1} ----------")
         print(text)

@@ -23,12 +23,15 @@ from nanogpt.errors import NanoGPTError, StorageError
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.tokenizers.char import Tokenizer, tokenizer_from_dict
 
-# Step checkpoints are named step-<global step>.ckpt, zero padded so they sort by step.
-STEP_CHECKPOINT = re.compile(r"^step-(\d+)\.ckpt$")
+# Step checkpoints are named step-<global step>.ckpt, zero padded so they sort by step. STEP_FILENAME is the name
+# as a template without the suffix: ModelCheckpoint's filename takes it as it is and adds .ckpt.
+STEP_PREFIX = "step-"
+STEP_FILENAME = STEP_PREFIX + "{step:08d}"
+STEP_CHECKPOINT = re.compile(rf"^{re.escape(STEP_PREFIX)}(\d+)\.ckpt$")
 
 
 def step_checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}.ckpt"
+    return STEP_FILENAME.format(step=step) + ".ckpt"
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -187,7 +190,7 @@ def resolve_checkpoint(path: str) -> Path:
 def step_checkpoints(ckpt_dir: Union[str, Path]) -> list[Path]:
     """A run's step-N.ckpt files, newest step first."""
     ckpt_dir = Path(ckpt_dir)
-    found = [(int(m.group(1)), p) for p in ckpt_dir.glob("step-*.ckpt") if (m := STEP_CHECKPOINT.match(p.name))]
+    found = [(int(m.group(1)), p) for p in ckpt_dir.glob(f"{STEP_PREFIX}*.ckpt") if (m := STEP_CHECKPOINT.match(p.name))]
     return [p for _, p in sorted(found, reverse=True)]
 
 

@@ -166,5 +166,10 @@ def test_bad_input_is_one_error_line(random_checkpoint, tmp_path, text_file, cap
                       "--split val evaluates a run's own data", "config.yaml")
     assert_user_error(run_main(main, capsys, "--ckpt", tmp_path / "none.ckpt", "--source", text_file),
                       "does not exist")
-    assert_user_error(run_main(main, capsys, "--ckpt", random_checkpoint, "--source", tmp_path / "missing.txt"),
-                      "does not exist")
+    missing = run_main(main, capsys, "--ckpt", random_checkpoint, "--source", tmp_path / "missing.txt")
+    assert_user_error(missing, "does not exist", "pass --source tinyshakespeare")  # this command's flag
+    assert "--data." not in missing.stderr
+    table = tmp_path / "rows.jsonl"
+    table.write_text('{"body": "ROMEO: hi"}\n', encoding="utf-8")
+    assert_user_error(run_main(main, capsys, "--ckpt", random_checkpoint, "--source", table),
+                      "no column 'text'", "--text_column NAME")

@@ -232,3 +232,27 @@ def test_cli_stream_stop_and_no_cache_print_the_same_text(capsys, random_checkpo
     stop = generated[20:23]
     stopped = run_main(main, capsys, *base, "--stop", stop)
     assert stopped.stdout == "ROMEO:" + generated[: generated.index(stop)] + "\n"
+
+
+def test_one_settings_object_serves_the_functions_the_flags_and_the_demo(random_checkpoint):
+    from dataclasses import fields
+
+    from nanogpt.app import generate_text
+    from nanogpt.generate import SamplingSettings, build_parser, settings_of
+
+    # sample.py's flags are the settings' fields, with their defaults (use_cache: --no_cache)
+    args = build_parser().parse_args(["--ckpt", "x"])
+    assert settings_of(args) == SamplingSettings()
+    assert {f.name for f in fields(SamplingSettings)} <= set(vars(args))
+    flags = settings_of(build_parser().parse_args(["--ckpt", "x", "--top_k", "5", "--no_cache", "--stop", "\\n"]))
+    assert flags == SamplingSettings(top_k=5, use_cache=False, stop="\n")
+    model, tok = load_checkpoint(str(random_checkpoint))
+    settings = SamplingSettings(max_new_tokens=40, temperature=1.0, top_k=20, top_p=0.9, seed=2)
+    # a settings object, or its fields as keyword arguments, or both: the same text
+    text = sample(model, tok, "A", settings)
+    assert text == sample(model, tok, "A", max_new_tokens=40, temperature=1.0, top_k=20, top_p=0.9, seed=2)
+    assert text != sample(model, tok, "A", settings, seed=3)
+    assert "A" + "".join(p[0] for p in stream(model, tok, "A", settings)) == text[0]
+    assert list(generate_text(model, tok, "A", 40, 1.0, 20, 0.9, 2, max_length=100))[-1] == text[0]
+    with pytest.raises(TypeError):
+        sample(model, tok, "A", temprature=1.0)  # a misspelt setting is not silently ignored

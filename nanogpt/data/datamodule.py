@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from nanogpt.data.batch_plan import BatchPlan, plan_batch
 from nanogpt.data.blocks import FixedBlocks, RandomBlocks, tokens_fit_on_device, tokens_to_device, val_block_starts
 from nanogpt.errors import NanoGPTError
+from nanogpt.data.splits import DEFAULT_VAL_BLOCKS, DEFAULT_VAL_FRACTION, split_tokens
 from nanogpt.data.token_cache import CorpusConfig, EncodedCorpus, prepare_corpus
 from nanogpt.tokenizers.char import Tokenizer
 
@@ -46,8 +47,8 @@ class TextDataModule(L.LightningDataModule):
         self,
         batch_size: int = 64,
         block_size: int = 256,
-        val_fraction: float = 0.1,
-        val_blocks: int = 256,
+        val_fraction: float = DEFAULT_VAL_FRACTION,
+        val_blocks: int = DEFAULT_VAL_BLOCKS,
         seed: int = 1337,
         cache_dir: Optional[str] = None,
         micro_batch_size: Optional[int] = None,
@@ -97,37 +98,14 @@ class TextDataModule(L.LightningDataModule):
         self._tokens, self._tokenizer, self._val = corpus.train, corpus.tokenizer, corpus.val
 
     def _checked_split(self, corpus: EncodedCorpus) -> int:
-        """The number of training tokens in corpus, after checking that both splits hold a block and the options."""
+        """The number of training tokens in corpus, after checking the options and that both splits hold a block."""
         for name in ("batch_size", "block_size", "val_blocks"):
             if getattr(self, name) < 1:
                 raise NanoGPTError(f"data.{name} must be a positive integer, got {getattr(self, name)}")
         if not 0.0 < self.val_fraction < 1.0:
             raise NanoGPTError(f"data.val_fraction must be between 0 and 1, got {self.val_fraction}")
-        tokens = corpus.train
-        n_val = 0 if corpus.val is not None else int(len(tokens) * self.val_fraction)
-        n_train = len(tokens) - n_val
-        need = self.block_size + 1
-        if len(tokens) < need:
-            raise NanoGPTError(
-                f"data source {self.corpus.source} has {len(tokens)} tokens, fewer than block_size+1 = {need}; "
-                "use more text or a smaller --model.block_size"
-            )
-        if n_train < need:
-            raise NanoGPTError(
-                f"the training split has {n_train} tokens, fewer than block_size+1 = {need}; "
-                "lower --data.val_fraction or --model.block_size, or use more text"
-            )
-        if corpus.val is not None and len(corpus.val) < need:
-            raise NanoGPTError(
-                f"the validation source {self.corpus.val_source} has {len(corpus.val)} tokens, "
-                f"fewer than block_size+1 = {need}; use more validation text or a smaller --model.block_size"
-            )
-        if corpus.val is None and n_val < need:
-            raise NanoGPTError(
-                f"the validation split has {n_val} tokens (val_fraction={self.val_fraction}), fewer than "
-                f"block_size+1 = {need}; raise --data.val_fraction or lower --model.block_size, or use more text"
-            )
-        return n_train
+        train, _ = split_tokens(corpus, self.corpus, self.val_fraction, self.block_size)
+        return len(train)
 
     def apply_batch_plan(self, trainer: L.Trainer) -> BatchPlan:
         """The one place the global batch is split: plans it for trainer's world size and applies the plan to trainer.

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 from nanogpt.io import atomic_write
 from nanogpt.errors import NanoGPTError, first_line
+from nanogpt.private import dataset_fingerprint
 
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -33,6 +34,22 @@ CHUNK_CHARS = 1 << 22  # text is read and encoded in pieces of about 4M characte
 TABULAR_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 Advance = Callable[[int], None]  # told how many source bytes were consumed, for the progress bar
+
+
+@dataclass(frozen=True)
+class SourceFlags:
+    """The command-line flags a source's settings came from: its errors name the flags of the command that
+    called (train.py's --data.source, nanogpt-eval's --source)."""
+
+    source: str = "--data.source"
+    split: str = "--data.hf_split"
+    glob: str = "--data.glob"
+    text_column: str = "--data.text_column"
+    hf_config: str = "--data.hf_config"
+
+
+TRAIN_FLAGS = SourceFlags()
+VAL_FLAGS = SourceFlags(source="--data.val_source", split="--data.hf_val_split")
 
 
 def cache_root(cache_dir: Optional[str] = None) -> Path:
@@ -49,7 +66,7 @@ def tinyshakespeare_path(cache_dir: Optional[str] = None) -> Path:
     return cache_root(cache_dir) / "tinyshakespeare" / "input.txt"
 
 
-def download_tinyshakespeare(cache_dir: Optional[str] = None) -> Path:
+def download_tinyshakespeare(cache_dir: Optional[str] = None, flag: str = TRAIN_FLAGS.source) -> Path:
     """Makes sure the verified tiny-shakespeare corpus is in the cache; downloads it once if it is not."""
     path = tinyshakespeare_path(cache_dir)
     if path.is_file() and _sha256(path.read_bytes()) == TINYSHAKESPEARE_SHA256:
@@ -61,12 +78,12 @@ def download_tinyshakespeare(cache_dir: Optional[str] = None) -> Path:
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise NanoGPTError(
             f"could not download tiny-shakespeare from {url} ({getattr(e, 'reason', e)}); without a network, "
-            f"copy the file to {path} or train on a local file with --data.source PATH"
+            f"copy the file to {path} or train on a local file with {flag} PATH"
         ) from None
     if _sha256(data) != TINYSHAKESPEARE_SHA256:
         raise NanoGPTError(
             f"the tiny-shakespeare download from {url} failed its sha256 check ({_sha256(data)[:12]}… "
-            f"instead of {TINYSHAKESPEARE_SHA256[:12]}…); try again, or pass a local file with --data.source PATH"
+            f"instead of {TINYSHAKESPEARE_SHA256[:12]}…); try again, or pass a local file with {flag} PATH"
         )
     atomic_write(path, lambda f: f.write(data))
     return path
@@ -82,6 +99,11 @@ class Source:
     size: int  # bytes, roughly: the progress bar's total
     documents: Callable[[Advance, int], Iterator[Iterable[str | bytes]]]  # (advance, chunk_chars) -> documents
 
+    def text(self, separator: str, advance: Advance = lambda n: None,
+             chunk_chars: int = CHUNK_CHARS) -> Iterator[str | bytes]:
+        """The whole text, documents joined by separator, in chunks of about chunk_chars (what tokenizers encode)."""
+        return rechunk(join_documents(self.documents(advance, chunk_chars), separator), chunk_chars)
+
 
 def _is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_dict.json").is_file() or (
@@ -96,35 +118,38 @@ def open_source(
     text_column: str = "text",
     hf_config: Optional[str] = None,
     cache_dir: Optional[str] = None,
+    flags: SourceFlags = TRAIN_FLAGS,
 ) -> Source:
     """Opens a data source by its name (see the module docstring); errors say what was wrong and how to fix it.
 
     split is read from hf: sources and saved dataset dicts; glob picks a directory's files; text_column is the
-    column of tabular files and datasets that holds the text; hf_config is load_dataset's configuration.
+    column of tabular files and datasets that holds the text; hf_config is load_dataset's configuration; flags
+    are the caller's names of these settings, for its errors.
     """
     if source == "tinyshakespeare":
-        return _file_source(source, [download_tinyshakespeare(cache_dir)], glob, text_column)
+        return _file_source(source, [download_tinyshakespeare(cache_dir, flags.source)], glob, text_column, flags)
     if source.startswith("hf:"):
-        return _hf_source(source, _load_hub_dataset(source[3:], hf_config, split), text_column, hf_config, split)
+        dataset = _load_hub_dataset(source[3:], hf_config, split, flags)
+        return _hf_source(source, dataset, text_column, hf_config, split, flags)
     p = Path(source).expanduser()
     if p.is_dir() and _is_saved_dataset(p):
-        return _hf_source(source, _load_saved_dataset(p, split), text_column, hf_config, split)
+        return _hf_source(source, _load_saved_dataset(p, split, flags), text_column, hf_config, split, flags)
     if p.is_dir():
         files = sorted(f for f in p.rglob(glob) if f.is_file())
         if not files:
             raise NanoGPTError(
                 f"data directory {source} holds no files matching {glob!r}; "
-                "put text files there, change --data.glob, or pass one file"
+                f"put text files there, change {flags.glob}, or pass one file"
             )
-        return _file_source(source, files, glob, text_column)
+        return _file_source(source, files, glob, text_column, flags)
     if p.is_file():
-        return _file_source(source, [p], glob, text_column)
+        return _file_source(source, [p], glob, text_column, flags)
     raise NanoGPTError(
-        f"data source {source!r} does not exist; pass --data.source tinyshakespeare, a file, a directory or hf:NAME"
+        f"data source {source!r} does not exist; pass {flags.source} tinyshakespeare, a file, a directory or hf:NAME"
     )
 
 
-def _file_source(label: str, files: list[Path], glob: str, text_column: str) -> Source:
+def _file_source(label: str, files: list[Path], glob: str, text_column: str, flags: SourceFlags) -> Source:
     stats = [f.stat() for f in files]
     tabular = any(f.suffix.lower() in TABULAR_SUFFIXES for f in files)
 
@@ -132,11 +157,11 @@ def _file_source(label: str, files: list[Path], glob: str, text_column: str) -> 
         for f in files:
             suffix = f.suffix.lower()
             if suffix in (".jsonl", ".json"):
-                yield from _json_rows(f, text_column, advance)
+                yield from _json_rows(f, text_column, advance, flags)
             elif suffix == ".csv":
-                yield from _csv_rows(f, text_column, advance)
+                yield from _csv_rows(f, text_column, advance, flags)
             elif suffix == ".parquet":
-                yield from _parquet_rows(f, text_column, advance)
+                yield from _parquet_rows(f, text_column, advance, flags)
             else:
                 yield _text_file(f, advance, chunk_chars)  # one document, read in chunks
 
@@ -181,14 +206,14 @@ def _text_file(path: Path, advance: Advance, chunk_bytes: int = CHUNK_CHARS) -> 
                 return
 
 
-def _cell(row: Any, column: str, where: str) -> str:
+def _cell(row: Any, column: str, where: str, flags: SourceFlags) -> str:
     """The text of one row: column's value; None counts as an empty document."""
     if not isinstance(row, dict):
         raise NanoGPTError(f"{where} is not an object with a {column!r} field; each row must be a JSON object")
     if column not in row:
         raise NanoGPTError(
             f"{where} has no column {column!r} (columns: {', '.join(map(str, row)) or 'none'}); "
-            "pass the one that holds the text with --data.text_column NAME"
+            f"pass the one that holds the text with {flags.text_column} NAME"
         )
     value = row[column]
     if value is None:
@@ -198,7 +223,7 @@ def _cell(row: Any, column: str, where: str) -> str:
     return value
 
 
-def _json_rows(path: Path, column: str, advance: Advance) -> Iterator[list[str]]:
+def _json_rows(path: Path, column: str, advance: Advance, flags: SourceFlags) -> Iterator[list[str]]:
     """Rows of a JSON-lines file (or of a .json file holding one array of objects, which is read whole)."""
     with open(path, "rb") as f:
         head = f.read(4096).lstrip()
@@ -210,7 +235,7 @@ def _json_rows(path: Path, column: str, advance: Advance) -> Iterator[list[str]]
                 raise NanoGPTError(f"{path} is not valid JSON ({e}); fix the file or write it as JSON lines") from None
             advance(path.stat().st_size)
             for i, row in enumerate(rows):
-                yield [_cell(row, column, f"{path} item {i}")]
+                yield [_cell(row, column, f"{path} item {i}", flags)]
             return
         for lineno, line in enumerate(f, 1):
             advance(len(line))
@@ -220,17 +245,17 @@ def _json_rows(path: Path, column: str, advance: Advance) -> Iterator[list[str]]
                 row = json.loads(line)
             except ValueError as e:
                 raise NanoGPTError(f"{path} line {lineno} is not valid JSON ({e}); one JSON object per line") from None
-            yield [_cell(row, column, f"{path} line {lineno}")]
+            yield [_cell(row, column, f"{path} line {lineno}", flags)]
 
 
-def _missing_column(path: Any, column: str, names: list[str]) -> NanoGPTError:
+def _missing_column(path: Any, column: str, names: list[str], flags: SourceFlags) -> NanoGPTError:
     return NanoGPTError(
         f"{path} has no column {column!r} (columns: {', '.join(names) or 'none'}); "
-        "pass the one that holds the text with --data.text_column NAME"
+        f"pass the one that holds the text with {flags.text_column} NAME"
     )
 
 
-def _csv_rows(path: Path, column: str, advance: Advance) -> Iterator[list[str]]:
+def _csv_rows(path: Path, column: str, advance: Advance, flags: SourceFlags) -> Iterator[list[str]]:
     """Rows of a CSV file with a header line, streamed in blocks by pyarrow (quoted fields may span lines)."""
     import pyarrow as pa
     import pyarrow.csv as pcsv
@@ -241,7 +266,7 @@ def _csv_rows(path: Path, column: str, advance: Advance) -> Iterator[list[str]]:
         with open(path, "rb") as f:
             names = pcsv.open_csv(f, read_options=read, parse_options=parse).schema.names
         if column not in names:
-            raise _missing_column(path, column, names)
+            raise _missing_column(path, column, names, flags)
         # the text column is read as strings whatever it looks like; the other columns are never parsed
         convert = pcsv.ConvertOptions(column_types={column: pa.string()}, include_columns=[column])
         with open(path, "rb") as f:
@@ -258,7 +283,7 @@ def _csv_rows(path: Path, column: str, advance: Advance) -> Iterator[list[str]]:
         ) from None
 
 
-def _parquet_rows(path: Path, column: str, advance: Advance) -> Iterator[list[str]]:
+def _parquet_rows(path: Path, column: str, advance: Advance, flags: SourceFlags) -> Iterator[list[str]]:
     """Rows of a Parquet file, read in record batches of the one text column."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -269,7 +294,7 @@ def _parquet_rows(path: Path, column: str, advance: Advance) -> Iterator[list[st
         raise NanoGPTError(f"{path} is not a readable Parquet file ({e}); fix or rewrite it") from None
     names = pf.schema_arrow.names
     if column not in names:
-        raise _missing_column(path, column, names)
+        raise _missing_column(path, column, names, flags)
     kind = pf.schema_arrow.field(column).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise NanoGPTError(f"{path}: column {column!r} holds {kind}, not text; pick a text column")
@@ -279,23 +304,23 @@ def _parquet_rows(path: Path, column: str, advance: Advance) -> Iterator[list[st
         advance(size * batch.num_rows // rows)
 
 
-def _load_hub_dataset(name: str, hf_config: Optional[str], split: str) -> Any:
+def _load_hub_dataset(name: str, hf_config: Optional[str], split: str, flags: SourceFlags) -> Any:
     import datasets
 
     if not name:
-        raise NanoGPTError("--data.source hf: needs a dataset name, e.g. hf:Salesforce/wikitext")
+        raise NanoGPTError(f"{flags.source} hf: needs a dataset name, e.g. hf:Salesforce/wikitext")
     try:
         return datasets.load_dataset(name, hf_config, split=split)
     except Exception as e:  # datasets raises many types (connection, not found, bad config or split)
         which = f"config {hf_config!r}, split {split!r}" if hf_config else f"split {split!r}"
         raise NanoGPTError(
             f"could not load the Hugging Face dataset {name!r} ({which}): "
-            f"{first_line(e)}; check the name, --data.hf_config and --data.hf_split, and without a network "
+            f"{first_line(e)}; check the name, {flags.hf_config} and {flags.split}, and without a network "
             "that the dataset is in the local Hugging Face cache"
         ) from None
 
 
-def _load_saved_dataset(path: Path, split: str) -> Any:
+def _load_saved_dataset(path: Path, split: str, flags: SourceFlags) -> Any:
     import datasets
 
     try:
@@ -305,16 +330,15 @@ def _load_saved_dataset(path: Path, split: str) -> Any:
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise NanoGPTError(
-                f"saved dataset {path} has no split {split!r} (splits: {', '.join(ds)}); pick one with --data.hf_split"
-                " (or --data.hf_val_split for the validation source)"
+                f"saved dataset {path} has no split {split!r} (splits: {', '.join(ds)}); pick one with {flags.split}"
             )
         ds = ds[split]
     return ds
 
 
-def _hf_source(label: str, ds: Any, column: str, hf_config: Optional[str], split: str) -> Source:
+def _hf_source(label: str, ds: Any, column: str, hf_config: Optional[str], split: str, flags: SourceFlags) -> Source:
     if column not in ds.column_names:
-        raise _missing_column(f"dataset {label}", column, list(ds.column_names))
+        raise _missing_column(f"dataset {label}", column, list(ds.column_names), flags)
     dtype = getattr(ds.features[column], "dtype", None)
     if dtype not in ("string", "large_string"):
         raise NanoGPTError(
@@ -336,7 +360,7 @@ def _hf_source(label: str, ds: Any, column: str, hf_config: Optional[str], split
         label=label,
         identity=["dataset", label if label.startswith("hf:") else str(Path(label).expanduser().resolve()),
                   hf_config, split, column],
-        stamp=[ds._fingerprint, len(ds)],
+        stamp=[dataset_fingerprint(ds), len(ds)],
         size=size,
         documents=documents,
     )

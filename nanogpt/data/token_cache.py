@@ -22,15 +22,16 @@ import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Callable, Iterable, Iterator, Literal, Optional
 
 import numpy as np
 
-from nanogpt.tokenizers.bpe import DEFAULT_BPE_VOCAB_SIZE, SubwordTokenizer, load_pretrained, subword_batches
-from nanogpt.errors import NanoGPTError
-from nanogpt.data.sources import CHUNK_CHARS, Advance, Source, cache_root, join_documents, open_source, rechunk
-from nanogpt.tokenizers.char import CharTokenizer, Tokenizer, describe_chars, tokenizer_from_dict
+from nanogpt.data.sources import CHUNK_CHARS, TRAIN_FLAGS, VAL_FLAGS, Advance, Source, cache_root, open_source
 from nanogpt.data.vocab import load_vocab
+from nanogpt.errors import NanoGPTError
+from nanogpt.private import memmap_buffer
+from nanogpt.tokenizers.bpe import DEFAULT_BPE_VOCAB_SIZE, SubwordTokenizer, load_subword
+from nanogpt.tokenizers.char import CharTokenizer, Tokenizer, describe_chars, tokenizer_from_dict
 
 CACHE_FORMAT = 1  # bump when the layout of a cache entry changes
 PROGRESS_MIN_BYTES = 50_000_000  # corpora larger than this get a progress bar
@@ -125,30 +126,36 @@ class _Progress:
             self.bar.close()
 
 
-def _chunks(source: Source, separator: str, advance: Advance, chunk_chars: int) -> Iterator[str | bytes]:
-    return rechunk(join_documents(source.documents(advance, chunk_chars), separator), chunk_chars)
+def encode_text(
+    chunks: Iterable[str | bytes], tokenizer: Tokenizer, write: Callable[[np.ndarray], Any], oov: str = "error",
+    replacement: Optional[str] = None, max_tokens: Optional[int] = None,
+) -> tuple[int, Counter]:
+    """Encodes a stream of text with the tokenizer's encode_stream, handing the ids (in token_dtype) to write;
+    returns how many were written and the characters outside the vocabulary.
+
+    With oov "error" nothing more is written after the first unknown character, but the text is read on to list
+    every one with its count; otherwise they were dropped or replaced. max_tokens stops after about that many.
+    """
+    n, unknown = 0, Counter()
+    for ids, bad in tokenizer.encode_stream(chunks, token_dtype(tokenizer.vocab_size), replacement):
+        unknown.update(bad)
+        if oov == "error" and unknown:
+            continue
+        write(ids)
+        n += len(ids)
+        if max_tokens is not None and n >= max_tokens:
+            break
+    return n, unknown
 
 
 def _encode_to_file(
     source: Source, tokenizer: Tokenizer, config: CorpusConfig, path: Path, progress: Advance, chunk_chars: int
 ) -> tuple[int, Counter]:
     """Streams source through the tokenizer into path (raw ids); returns the token count and the unknown chars."""
-    dtype = token_dtype(tokenizer.vocab_size)
     replacement = config.oov_replacement if config.oov == "replace" else None
-    unknown: Counter = Counter()
-    n = 0
-    chunks = _chunks(source, config.separator, progress, chunk_chars)
-    if tokenizer.kind == "char":
-        encoded = (tokenizer.encode_known(chunk, dtype, replacement) for chunk in chunks)
-    else:  # a subword tokenizer encodes any text (byte-level): nothing is unknown
-        encoded = ((ids, Counter()) for ids in subword_batches(chunks, tokenizer, dtype))
     with open(path, "wb") as f:
-        for ids, bad in encoded:
-            unknown.update(bad)
-            if config.oov == "error" and unknown:
-                continue  # keep reading only to list every unknown character with its count
-            f.write(memoryview(np.ascontiguousarray(ids)))
-            n += len(ids)
+        n, unknown = encode_text(source.text(config.separator, progress, chunk_chars), tokenizer,
+                                 lambda ids: f.write(memoryview(np.ascontiguousarray(ids))), config.oov, replacement)
         f.flush()
         os.fsync(f.fileno())  # complete on disk before the entry is renamed into place
         if hasattr(os, "posix_fadvise"):
@@ -166,7 +173,7 @@ def _open_tokens(path: Path, dtype: str, n: int) -> np.ndarray:
     if path.stat().st_size != n * np.dtype(dtype).itemsize:
         raise ValueError(f"{path} has the wrong size")
     tokens = np.memmap(path, dtype=dtype, mode="r", shape=(n,))
-    mm = getattr(tokens, "_mmap", None)  # the mmap.mmap under np.memmap
+    mm = memmap_buffer(tokens)
     if mm is not None and hasattr(mmap, "MADV_RANDOM"):
         # batches read blocks at random places: no readahead, so a block costs its own pages, not megabytes
         mm.madvise(mmap.MADV_RANDOM)
@@ -221,7 +228,7 @@ def build_vocabulary(
 
     def chunks() -> Iterator[str | bytes]:
         for s in sources:
-            for chunk in _chunks(s, config.separator, progress, chunk_chars):
+            for chunk in s.text(config.separator, progress, chunk_chars):
                 read["chars"] += len(chunk)
                 yield chunk
         read["done"] = 1
@@ -241,7 +248,7 @@ def train_bpe(
 ) -> SubwordTokenizer:
     """A byte-level BPE of config.bpe_vocab_size tokens trained on the training source, read as a stream."""
     progress = _Progress(source.size, "bpe", progress_min_bytes)
-    tokenizer = SubwordTokenizer.train(_chunks(source, config.separator, progress, chunk_chars), config.bpe_vocab_size)
+    tokenizer = SubwordTokenizer.train(source.text(config.separator, progress, chunk_chars), config.bpe_vocab_size)
     progress.close()
     return tokenizer
 
@@ -279,7 +286,7 @@ def _build_entry(
             tokenizer = train_bpe(train_src, config, chunk_chars, progress_min_bytes)
         elif tokenizer is None:
             tokenizer = build_vocabulary(sources, config, chunk_chars, progress_min_bytes)
-        if config.oov == "replace" and isinstance(tokenizer, CharTokenizer) and config.oov_replacement not in tokenizer.chars:
+        if config.oov == "replace" and tokenizer.unknown_chars(config.oov_replacement):
             raise NanoGPTError(
                 f"--data.oov_replacement {config.oov_replacement!r} is not in the vocabulary; pick a character that is"
             )
@@ -336,14 +343,14 @@ def prepare_corpus(
     never touches the previous one.
     """
     reading = dict(glob=config.glob, text_column=config.text_column, hf_config=config.hf_config, cache_dir=cache_dir)
-    train_src = open_source(config.source, config.hf_split, **reading)
-    val_src = open_source(config.val_source, config.hf_val_split, **reading) if config.val_source else None
+    train_src = open_source(config.source, config.hf_split, **reading, flags=TRAIN_FLAGS)
+    val_src = open_source(config.val_source, config.hf_val_split, **reading, flags=VAL_FLAGS) if config.val_source else None
     given: Optional[Tokenizer] = None
     if config.vocab:
         given = load_vocab(config.vocab)
         check_tokenizer_kind(config, given)
     elif config.tokenizer not in ("char", "bpe"):
-        given = load_pretrained(config.tokenizer)  # a file or hf:NAME: small, read before the cache lookup
+        given = load_subword(config.tokenizer)  # a file or hf:NAME: small, read before the cache lookup
     options = [config.separator, config.oov, config.oov_replacement, config.tokenizer]
     if config.tokenizer == "bpe":
         options.append(config.bpe_vocab_size)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nanogpt.io import resolve_checkpoint
-from nanogpt.errors import NanoGPTError, first_line
+from nanogpt.errors import NanoGPTError
+from nanogpt.io import resolve_checkpoint, safe_load
 from nanogpt.tokenizers.char import Tokenizer, tokenizer_from_dict
 
 
@@ -33,13 +33,11 @@ def load_vocab(path: str) -> Tokenizer:
             raise NanoGPTError(f"vocabulary file {path}: {e}") from None
     if not p.exists():
         raise NanoGPTError(f"--data.vocab {path} does not exist; pass a checkpoint, a run dir or a vocabulary .json")
-    import torch
-
     file = resolve_checkpoint(path)
     try:  # plain data only, and memory-mapped: the weights are never read
-        ckpt = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # unpickling, zip and I/O errors all mean the same here
-        raise NanoGPTError(f"--data.vocab {file} is not a readable checkpoint ({first_line(e)})") from None
+        ckpt = safe_load(file, mmap=True)
+    except NanoGPTError as e:  # unreadable, empty, damaged or unsafe: the reader's one line says which
+        raise NanoGPTError(f"--data.vocab {file} is not a readable checkpoint ({e})") from None
     if not isinstance(ckpt, dict) or "tokenizer" not in ckpt:
         raise NanoGPTError(f"--data.vocab {file}: the checkpoint stores no vocabulary; pass one written by train.py")
     try:

@@ -13,7 +13,6 @@ both directions: nanogpt.hf.export writes with it.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -22,6 +21,7 @@ import torch
 
 from nanogpt.io import safe_load
 from nanogpt.errors import NanoGPTError
+from nanogpt.hub import hub_folder
 from nanogpt.model import GPT, GPTConfig, marked
 from nanogpt.tokenizers.char import Tokenizer
 
@@ -78,27 +78,9 @@ def resolve_pretrained(spec: str) -> Path:
     name = spec[3:]
     if not name:
         raise NanoGPTError("hf: needs a model name, e.g. hf:gpt2 or hf:gpt2-medium")
-    from huggingface_hub import snapshot_download
-
     patterns = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
                 "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"]
-    try:
-        return Path(snapshot_download(name, local_files_only=True))
-    except Exception:  # not in the cache (LocalEntryNotFoundError) or no valid ref there: try the network once
-        pass
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        error = "HF_HUB_OFFLINE is set"
-    else:
-        try:
-            return Path(snapshot_download(name, allow_patterns=patterns))
-        except Exception as e:  # connection, unknown repository, gated model: one line says which
-            error = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-    from huggingface_hub.constants import HF_HUB_CACHE
-
-    raise NanoGPTError(
-        f"hf:{name} is not in the Hugging Face cache ({HF_HUB_CACHE}) and could not be downloaded ({error}); "
-        f"it needs the files in the cache or a network once (e.g. `hf download {name}`), or pass a local folder"
-    )
+    return hub_folder(name, patterns, "config.json")
 
 
 def read_gpt2_config(folder: Path) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import numpy as np
 
 from nanogpt.errors import NanoGPTError, first_line
+from nanogpt.hub import hub_folder
 from nanogpt.tokenizers.tiktoken_bpe import TiktokenBPE
 
 # 2048 suits a corpus of a few MB: on tiny-shakespeare (1.1 MB) it gives 2.9 bytes per token (characters: 1.0),
@@ -41,6 +42,7 @@ class SubwordTokenizer:
     """A `tokenizers.Tokenizer` behind the same interface as CharTokenizer (encode, decode, to_dict, ...)."""
 
     kind = "subword"
+    unit = "tokens"
 
     def __init__(self, tokenizer: Any, source: str) -> None:
         self.tokenizer = tokenizer
@@ -120,21 +122,10 @@ class SubwordTokenizer:
     @classmethod
     def from_hub(cls, name: str) -> "SubwordTokenizer":
         """The tokenizer.json of Hugging Face model NAME: from the local cache first, so it works offline."""
-        from huggingface_hub import hf_hub_download
-
         if not name:
             raise NanoGPTError("--data.tokenizer hf: needs a model name, e.g. hf:gpt2")
-        try:
-            file = hf_hub_download(name, "tokenizer.json", local_files_only=True)
-        except Exception:
-            try:  # not cached: the network, if there is one (HF_HUB_OFFLINE=1 forbids it)
-                file = hf_hub_download(name, "tokenizer.json")
-            except Exception as e:
-                raise NanoGPTError(
-                    f"could not load the tokenizer of Hugging Face model {name!r} ({first_line(e)}); check the "
-                    "name, and without a network that its tokenizer.json is in the local Hugging Face cache"
-                ) from None
-        return cls.from_json(Path(file).read_text(encoding="utf-8"), f"hf:{name}")
+        file = hub_folder(name, ["tokenizer.json"], "tokenizer.json") / "tokenizer.json"
+        return cls.from_json(file.read_text(encoding="utf-8"), f"hf:{name}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SubwordTokenizer":
@@ -191,6 +182,13 @@ class SubwordTokenizer:
         """encode, with CharTokenizer's signature: a byte-level BPE has no unknown characters."""
         return self.encode(text, dtype), Counter()
 
+    def encode_stream(
+        self, chunks: Iterable[str | bytes], dtype: Any, replacement: Optional[str] = None
+    ) -> Iterator[tuple[np.ndarray, Counter]]:
+        """The ids of a stream of text chunks, a batch at a time (see subword_batches: the ids of the whole text,
+        by tiktoken where it gives the same ids); nothing is unknown to a byte-level BPE, so replacement is unused."""
+        return ((ids, Counter()) for ids in subword_batches(chunks, self, dtype))
+
     def unknown_chars(self, text: str) -> Counter:
         """Characters the tokenizer maps to its unknown token (none for a byte-level BPE)."""
         unk = self._unk_id()
@@ -226,7 +224,7 @@ class SubwordTokenizer:
         return out
 
 
-def load_pretrained(spec: str) -> SubwordTokenizer:
+def load_subword(spec: str) -> SubwordTokenizer:
     """The tokenizer named by spec: "hf:NAME" from the Hugging Face cache, else a tokenizer.json or a folder."""
     if spec.startswith("hf:"):
         return SubwordTokenizer.from_hub(spec[3:])

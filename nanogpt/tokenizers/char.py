@@ -4,7 +4,7 @@ interface it shares with the subword tokenizers of nanogpt.tokenizers.bpe."""
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Iterable, Optional, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -43,6 +43,7 @@ class Tokenizer(Protocol):
     """What the data, training, sampling and export layers use of a tokenizer (char or subword)."""
 
     kind: str  # "char" or "subword": the "type" of its to_dict()
+    unit: str  # what a token is called in messages: "characters" or "tokens"
 
     @property
     def vocab_size(self) -> int: ...
@@ -53,6 +54,9 @@ class Tokenizer(Protocol):
     def encode_known(
         self, text: str | bytes, dtype: Any = np.int64, replacement: Optional[str] = None
     ) -> tuple[np.ndarray, Counter]: ...
+    def encode_stream(
+        self, chunks: Iterable[str | bytes], dtype: Any, replacement: Optional[str] = None
+    ) -> Iterator[tuple[np.ndarray, Counter]]: ...
     def unknown_chars(self, text: str) -> Counter: ...
     def decode(self, ids: Iterable[int] | np.ndarray) -> str: ...
     def stream_decoder(self, prompt_ids: Sequence[int] = ()) -> StreamDecoding: ...
@@ -77,6 +81,7 @@ class CharTokenizer:
     """Maps each character of a fixed, sorted vocabulary to its index."""
 
     kind = "char"
+    unit = "characters"
 
     def __init__(self, chars: Sequence[str]) -> None:
         chars = list(chars)
@@ -188,6 +193,13 @@ class CharTokenizer:
             ids = ids.copy()
             ids[unknown_mask] = self.chars.index(replacement)
         return ids.astype(dtype, copy=False), unknown
+
+    def encode_stream(
+        self, chunks: Iterable[str | bytes], dtype: Any, replacement: Optional[str] = None
+    ) -> Iterator[tuple[np.ndarray, Counter]]:
+        """The ids of a stream of text chunks, chunk by chunk, each with the characters outside the vocabulary
+        (dropped, or replaced by replacement): the one way a corpus or an evaluated text is encoded."""
+        return (self.encode_known(chunk, dtype, replacement) for chunk in chunks)
 
     def _ascii_table(self) -> bytes:
         """A 256-byte bytes.translate table: ASCII byte -> its id, anything unknown -> _UNKNOWN_BYTE."""

@@ -19,6 +19,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 
 from nanogpt.io import atomic_save, read_checkpoint, remove_stale_temp_files, storage_error, storage_failure, tensor_bytes
+from nanogpt.io import STEP_FILENAME
 from nanogpt.errors import NanoGPTError
 from nanogpt.training.steps import ends_optimizer_step
 
@@ -146,7 +147,7 @@ def run_checkpoints(dirpath: str, every_n_steps: Optional[int] = None, keep_last
         callbacks.append(
             RunCheckpoint(
                 dirpath=dirpath,
-                filename="step-{step:08d}",
+                filename=STEP_FILENAME,
                 monitor="step",
                 mode="max",
                 save_top_k=keep_last_k,

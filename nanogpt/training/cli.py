@@ -23,9 +23,10 @@ from jsonargparse import ActionYesNo, ArgumentError
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.plugins.precision import Precision
 
 from nanogpt.training.checkpointing import run_checkpoints
 from nanogpt.io import pick_resume_checkpoint, read_checkpoint, storage_error, storage_failure
@@ -35,6 +36,7 @@ from nanogpt.training.strategies import apply_ddp_defaults
 from nanogpt.errors import NanoGPTError, exit_with
 from nanogpt.training.fault import FaultTolerance, TrainingInterrupted
 from nanogpt.training.module import GPTModule
+from nanogpt.training.precision import cpu_fp16_plugin, resolve_precision
 from nanogpt.hf.pretrained import PRETRAINED_FIELDS, pretrained_settings
 from nanogpt.private import TESTED_LIGHTNING_VERSIONS, is_tested_lightning
 from nanogpt.training.loggers import RunCSVLogger, RunTensorBoardLogger
@@ -78,13 +80,6 @@ def resolve_ckpt_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
         raise NanoGPTError(f"checkpoint {ckpt_path} does not exist; pass an existing .ckpt file or --ckpt_path last")
     read_checkpoint(path, mmap=True)  # a corrupt, truncated, empty or unsafe file: one error naming it, now
     return str(path)
-
-
-def default_precision() -> str:
-    """bf16 mixed precision where the GPU supports it, else full precision."""
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"
 
 
 class GPTLightningCLI(LightningCLI):
@@ -153,8 +148,11 @@ class GPTLightningCLI(LightningCLI):
         trainer = config.trainer
         if trainer.default_root_dir is None:
             trainer.default_root_dir = str(run_dir_for(config.get("config") or []))
-        if trainer.precision is None:
-            trainer.precision = default_precision()
+        # by the GPU's tensor cores unless given (nanogpt/training/precision.py); the run's first line says which
+        precision = resolve_precision(trainer.precision, trainer.accelerator)
+        trainer.precision = precision.precision
+        if is_global_rank_zero():
+            rank_zero_info(precision.describe())
         if self.run_dir_lock is not None and is_global_rank_zero():
             # before anything looks at or writes into the run dir (checkpoint checks, config.yaml, events): a second
             # start while this run is live stops here, having touched nothing
@@ -214,6 +212,10 @@ class GPTLightningCLI(LightningCLI):
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())  # writes in the run dir itself (not $TMPDIR), fsynced, renamed
+        fp16 = cpu_fp16_plugin(trainer_config.get("precision"), trainer_config.get("accelerator"))
+        if fp16 is not None and not any(isinstance(p, Precision) for p in plugins):
+            plugins.append(fp16)  # fp16 on a CPU as asked, not Lightning's bf16 in its place
+            kwargs["precision"] = None  # the plugin is the precision; Lightning refuses both
         kwargs["plugins"] = plugins
         try:
             trainer = super().instantiate_trainer(**kwargs)

@@ -18,34 +18,17 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from tensorboard.plugins.text.summary_v2 import text_pb
+from lightning.pytorch.utilities import rank_zero_info
 
 from nanogpt.data.datamodule import batch_plan_of
 from nanogpt.errors import NanoGPTError
 from nanogpt.generate import sample
+from nanogpt.private import text_pb
 from nanogpt.training.loggers import tensorboard_file_writers
 from nanogpt.training.module import GPTModule, require_gpt_module
+from nanogpt.training.peaks import gpu_peak_tflops, missing_peak_line
 from nanogpt.model import GPTConfig
 from nanogpt.training.steps import is_logging_step, logged_step
-
-# Dense bf16 tensor-core peaks in TFLOP/s, matched in order against torch.cuda.get_device_name().
-GPU_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),  # SXM (HBM3)
-    ("H200", 989.0),  # the H100 SXM's compute with more memory
-    ("A100", 312.0),  # SXM and PCIe alike
-)
-
-
-def gpu_peak_tflops(device_name: str) -> Optional[float]:
-    """The bf16 peak of a GPU by its name, or None for a GPU (or CPU) not in GPU_PEAK_TFLOPS."""
-    name = device_name.lower()
-    for key, tflops in GPU_PEAK_TFLOPS:
-        if key.lower() in name:
-            return tflops
-    return None
-
 
 def flops_per_token(config: GPTConfig, non_embedding_params: int) -> int:
     """Training FLOPs per token (forward + backward), as nanoGPT and the PaLM paper estimate them.
@@ -69,8 +52,9 @@ class TrainingMonitor(Callback):
         sample_temperature: sampling temperature; 0 picks the most likely character.
         sample_seed: seed of every sample, so successive samples differ only by what the model learned.
         histogram_every_n_steps: log weight and gradient histograms every this many steps; 0 (default) turns them off.
-        peak_tflops: one device's peak TFLOP/s for train/mfu; default: looked up from the GPU's name
-            (H100, H200, A100, bf16 dense); on CPUs and unknown GPUs no MFU is logged.
+        peak_tflops: one device's peak TFLOP/s for train/mfu; default: looked up from the GPU's name and the run's
+            precision (nanogpt/training/peaks.py, dense tensor-core peaks); a GPU not there says so in one line and
+            logs no MFU; on CPUs no MFU is logged.
     """
 
     def __init__(
@@ -136,7 +120,11 @@ class TrainingMonitor(Callback):
         self._flops_per_token = flops_per_token(model.config, model.num_params(non_embedding=True))
         peak = self.peak_tflops
         if peak is None and pl_module.device.type == "cuda":
-            peak = gpu_peak_tflops(torch.cuda.get_device_name(pl_module.device))
+            # the peak of the precision in use: fp16 on a T4, bf16 on an A100 (none for 32-true: no tensor-core row)
+            name = torch.cuda.get_device_name(pl_module.device)
+            peak = gpu_peak_tflops(name, str(trainer.precision))
+            if peak is None:
+                rank_zero_info(missing_peak_line(name, trainer.precision))  # one line, not a silent gap
         self._peak_flops = peak * 1e12 * trainer.world_size if peak else None
 
     @staticmethod

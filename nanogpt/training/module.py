@@ -16,6 +16,7 @@ from nanogpt.data.datamodule import TextDataModule, batch_plan_of
 from nanogpt.training.resume import capture_rng_state, check_resume_config, restore_rng_state
 from nanogpt.training.strategies import all_reduce
 from nanogpt.errors import NanoGPTError
+from nanogpt.private import leaves_gradients_scaled
 from nanogpt.training.fault import NonFiniteGuard
 from nanogpt.model import GPT, Activation, GPTConfig, from_fields
 from nanogpt.training.optim import (
@@ -208,6 +209,11 @@ class GPTModule(L.LightningModule):
         """
         if gradient_clip_algorithm not in (None, "norm"):  # clipping by value: Lightning's way, the norm aside
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # fp16's GradScaler
+        if scaler is not None and leaves_gradients_scaled(optimizer):
+            # a fused AdamW unscales inside its step, so Lightning left the gradients multiplied by the loss scale
+            # (65536 at first): clip and report the true norm, as the GradScaler docs do before clipping
+            scaler.unscale_(optimizer)
         wrapped = self.trainer.model
         clip = gradient_clip_val if gradient_clip_val and gradient_clip_algorithm in (None, "norm") else None
         if isinstance(wrapped, FullyShardedDataParallel):
@@ -218,7 +224,6 @@ class GPTModule(L.LightningModule):
             grads = [p.grad for p in self._trained_params if p.grad is not None]
             self.grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
         # with fp16 a GradScaler skips steps with inf gradients by design: leave those to it
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         self.nonfinite.see_step(optimizer, self.grad_norm, self.global_step, check_grads=scaler is None)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:

@@ -1,6 +1,8 @@
-"""sample_speed.py, data_speed.py and checkpoint_speed.py run for real on tiny inputs and print their JSON line (no speed asserted).
+"""sample_speed.py, data_speed.py, checkpoint_speed.py and startup_speed.py run for real on tiny inputs and print their
+JSON line (no speed asserted).
 
-They run in this process (as `main(argv)`); data_speed.py and checkpoint_speed.py start their own child processes.
+They run in this process (as `main(argv)`); data_speed.py, checkpoint_speed.py and startup_speed.py start their own
+child processes.
 """
 
 import json
@@ -97,3 +99,13 @@ def test_checkpoint_times_save_load_and_an_interrupted_run(benchmarks, capsys):
     # raises if either exit code is wrong)
     assert last["resume_steps"] == 100 and last["straight_s"] > 0 and last["interrupted_plus_resumed_s"] > 0
     assert not list(benchmarks.iterdir())  # its folder deleted
+
+
+def test_startup_times_sample_help_against_import_torch(benchmarks, capsys):
+    import startup_speed
+
+    startup_speed.main(["--rounds", "1"])
+    last = _last_json_line(capsys)
+    assert last["rounds"] == 1 and [len(v) for v in last["all_s"].values()] == [1, 1]
+    assert _rate(last["sample_help_s"]) and _rate(last["import_torch_s"]) and _rate(last["cpu_ratio"])
+    assert _rate(last["ratio"])

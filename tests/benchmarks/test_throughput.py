@@ -205,6 +205,45 @@ def test_gpu_suite_runs_every_benchmark_and_collects_their_figures(benchmarks, c
     assert "--model.optimizer muon" in last["time_to_target_muon"]["command"]
     assert last["gpt2_124m_mfu"]["result"]["ours_mfu"] > 0
     assert last["generate"]["result"]["speedup"] > 0
+    # the precision each ran in is recorded: a CPU trains in 32-true, and sampling always runs in fp32
+    assert {name: entry["precision"] for name, entry in last.items()} == dict.fromkeys(last, "32-true")
+    assert printed.startswith("cpu: precision 32-true (no GPU")
+    for name in ("lecture_ratio", "time_to_target", "time_to_target_muon", "gpt2_124m_mfu"):
+        assert "--trainer.precision 32-true" in last[name]["command"], name
+
+
+def test_gpu_suite_dry_run_shows_the_precision_it_would_train_in(benchmarks, capsys):
+    import gpu_suite
+
+    gpu_suite.main(["--smoke", "--dry-run", "--precision", "16-mixed"])
+    plan, printed = _last_json_line(capsys)
+    assert plan["precision"] == "16-mixed" and plan["precision_reason"] == "--precision; default 32-true"
+    assert list(plan["commands"]) == ["lecture_ratio", "time_to_target", "time_to_target_muon", "gpt2_124m_mfu",
+                                      "generate"]
+    assert all("--trainer.precision 16-mixed" in cmd for name, cmd in plan["commands"].items() if name != "generate")
+    assert not (benchmarks / "gpu").exists() and list(benchmarks.iterdir()) == []  # a dry run writes nothing
+
+
+@pytest.mark.parametrize(
+    "name, capability, given, precision, peak",
+    [
+        ("Tesla T4", (7, 5), None, "16-mixed", 65.0),  # fp16 and its fp16 peak, never emulated bf16
+        ("Tesla V100-SXM2-16GB", (7, 0), None, "16-mixed", 125.0),
+        ("NVIDIA H100 80GB HBM3", (9, 0), None, "bf16-mixed", 989.5),
+        ("NVIDIA L4", (8, 9), "32-true", "32-true", None),  # as given; the table has no fp32 peak
+        ("NVIDIA GeForce RTX 5090", (12, 0), None, "bf16-mixed", None),  # not in the table: MFU without a peak
+    ],
+)
+def test_gpu_suite_plans_each_gpus_precision_and_peak(benchmarks, name, capability, given, precision, peak):
+    # the GPU half of the suite's set-up, as a pure function of what torch reports: testable on a CPU
+    from gpu_suite import gpu_plan, suite
+
+    plan = gpu_plan(name, capability, given)
+    assert (plan["device"], plan["precision"], plan["peak_tflops"]) == (name, precision, peak)
+    benches = {b.name: b for b in suite(False, plan["peak_tflops"], plan["precision"])}
+    mfu = benches["gpt2_124m_mfu"]
+    assert mfu.precision == precision and mfu.args[mfu.args.index("--trainer.precision") + 1] == precision
+    assert ("--peak-tflops" in mfu.args) == (peak is not None)
 
 
 def test_gpu_suite_refuses_a_benchmark_it_does_not_have(benchmarks, capsys):

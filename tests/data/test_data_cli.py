@@ -81,8 +81,8 @@ def test_separator_escapes_on_the_command_line_and_in_yaml(tmp_path, how, separa
     [
         (lambda p: ["--data.source", p / "missing.txt"], ["missing.txt", "does not exist"]),
         (lambda p: ["--data.source", p / "empty.txt"], ["empty.txt is empty"]),
-        (lambda p: ["--data.source", p / "short.txt"], ["short.txt has 9 tokens", "fewer than block_size+1 = 33"]),
-        (lambda p: ["--data.source", p / "small_val.txt"], ["validation split has 30 tokens", "val_fraction"]),
+        (lambda p: ["--data.source", p / "short.txt"], ["short.txt has 9 characters", "fewer than block_size+1 = 33"]),
+        (lambda p: ["--data.source", p / "small_val.txt"], ["validation split has 30 characters", "val_fraction"]),
         (lambda p: ["--data.source", "hf:nobody-xyz/no-such-dataset"], ["could not load the Hugging Face dataset"]),
         (lambda p: ["--data.vocab", p / "nope.ckpt"], ["--data.vocab", "nope.ckpt does not exist"]),
         (lambda p: ["--data.oov", "ignore"], ["data.oov"]),

@@ -334,7 +334,7 @@ def test_separate_validation_source_shares_the_vocabulary(tmp_path):
     x, y = next(iter(dm.val_dataloader()))
     assert dm.tokenizer.decode(x[0]).startswith("hgfedcbaz")
     small = TextDataModule(source=str(train), val_source=str(val), block_size=200, cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(NanoGPTError, match=r"validation source .*val.txt has 180 tokens, fewer than block_size"):
+    with pytest.raises(NanoGPTError, match=r"validation source .*val.txt has 180 characters, fewer than block_size"):
         small.setup()
 
 

@@ -22,7 +22,7 @@ import pytest
 from nanogpt.generate import sample
 from nanogpt.io import load_checkpoint
 from nanogpt.model import GPT, GPTConfig
-from nanogpt.training.metrics import TrainingMonitor, flops_per_token, gpu_peak_tflops
+from nanogpt.training.metrics import TrainingMonitor, flops_per_token
 from nanogpt.training.progress import StepProgressBar, format_count, format_duration
 from nanogpt.errors import NanoGPTError
 from tests.conftest import TINY_CONFIG, assert_user_error, read_scalars, run_script
@@ -281,15 +281,6 @@ def test_bad_monitor_flag_is_one_clear_line(tmp_path):
     result = run_script("train.py", "--config", TINY_CONFIG, "--trainer.default_root_dir", tmp_path / "run",
                         "--monitor.sample_temperature", "-1", cwd=tmp_path)
     assert_user_error(result, "monitor.sample_temperature")
-
-
-def test_gpu_peaks_by_name():
-    assert gpu_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
-    assert gpu_peak_tflops("NVIDIA H100 PCIe") == 756.0
-    assert gpu_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
-    assert gpu_peak_tflops("NVIDIA A100 80GB PCIe") == 312.0
-    assert gpu_peak_tflops("NVIDIA GeForce RTX 4090") is None  # unknown GPU: no MFU rather than a wrong one
-    assert gpu_peak_tflops("cpu") is None
 
 
 def test_flops_per_token_matches_nanogpts_estimate():
