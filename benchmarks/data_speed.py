@@ -6,7 +6,7 @@
 
 For each size, writes a generated ASCII corpus into a temporary folder under --workdir, then runs three fresh
 processes (so each peak RSS is its own): encode it into an empty cache, load it again from the cache, and train
-a tiny model a few steps on it through CharDataModule. Everything generated is deleted afterwards. The last line
+a tiny model a few steps on it through TextDataModule. Everything generated is deleted afterwards. The last line
 printed is one JSON object: encode_mb_per_s (the largest corpus, both passes: vocabulary and encoding, one core;
 wall clock, and encode_mb_per_cpu_s per CPU second, which a busy shared machine does not distort),
 peak_rss_mb_small / peak_rss_mb_large (the larger of the encoding and training peaks), cache_hit_s (largest
@@ -84,10 +84,10 @@ def child(task: str, source: str, cache: str, steps: int, tokenizer: dict) -> di
 
     import lightning as L
 
-    from nanogpt.data.datamodule import CharDataModule
+    from nanogpt.data.datamodule import TextDataModule
     from nanogpt.training.module import GPTModule
 
-    dm = CharDataModule(source=source, batch_size=16, block_size=64, val_blocks=16, cache_dir=cache, **tokenizer)
+    dm = TextDataModule(source=source, batch_size=16, block_size=64, val_blocks=16, cache_dir=cache, **tokenizer)
     model = GPTModule(vocab_size=dm.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=64, dropout=0.0)
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_epochs=-1, max_steps=steps, val_check_interval=steps,

@@ -8,15 +8,16 @@ network, a final LayerNorm and an lm_head tied to the token embedding.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Iterator, Optional
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Iterator, Literal, Optional, get_args
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
 # "gelu" is the exact (erf) GELU; "gelu_tanh" its tanh approximation, GPT-2's own ("gelu_new" in transformers)
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+Activation = Literal["gelu", "gelu_tanh", "relu"]
+ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 # subword vocabularies are padded to a multiple of this for faster matmuls (nanoGPT: GPT-2's 50257 -> 50304)
 VOCAB_MULTIPLE = 64
 # up to this size (characters, bytes) the head is a negligible share of the work and stays unpadded: a char
@@ -24,18 +25,43 @@ VOCAB_MULTIPLE = 64
 UNPADDED_VOCAB = 256
 
 
+def setting(default: Any, **marks: bool) -> Any:
+    """A dataclass field with its default and marks (field metadata) naming the lists of settings it belongs to.
+
+    The lists are read off the fields with marked(), so a setting is named once, where it is defined.
+    """
+    return field(default=default, metadata=marks)
+
+
+def marked(cls: type, mark: str) -> tuple[str, ...]:
+    """The names of the dataclass cls's fields that carry mark (see setting), in the order they are defined."""
+    return tuple(f.name for f in fields(cls) if f.metadata.get(mark))
+
+
+def from_fields(cls: type, values: Any) -> Any:
+    """An instance of the dataclass cls from a mapping that may hold other keys too (a checkpoint's hyperparameters)."""
+    return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+
+
 @dataclass
 class GPTConfig:
-    """Shape of the network. The defaults are the lecture's Shakespeare model (about 10.7M parameters)."""
+    """Shape of the network. The defaults are the lecture's Shakespeare model (about 10.7M parameters).
 
-    vocab_size: int = 65
-    block_size: int = 256  # the longest context the model sees
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    dropout: float = 0.2
-    bias: bool = True  # biases in Linear and LayerNorm layers, as in GPT-2
-    activation: str = "gelu"  # feed-forward non-linearity: "gelu", "gelu_tanh" or "relu"
+    Marks: shape, the weights mean nothing under another value (a resumed run must keep it); pretrained, a pretrained
+    GPT-2 folder fixes it (--model.init_from); exported, nanogpt-export writes it into GPT-2's config (a field without
+    this mark must keep its default for a model to be exported).
+    """
+
+    vocab_size: int = setting(65, shape=True, exported=True)
+    block_size: int = setting(256, shape=True, exported=True)  # the longest context the model sees
+    n_layer: int = setting(6, shape=True, pretrained=True, exported=True)
+    n_head: int = setting(6, shape=True, pretrained=True, exported=True)
+    n_embd: int = setting(384, shape=True, pretrained=True, exported=True)
+    dropout: float = setting(0.2, exported=True)
+    # biases in Linear and LayerNorm layers, as in GPT-2
+    bias: bool = setting(True, shape=True, pretrained=True, exported=True)
+    # feed-forward non-linearity: "gelu", "gelu_tanh" or "relu"
+    activation: Activation = setting("gelu", shape=True, pretrained=True, exported=True)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -54,8 +80,7 @@ class GPTConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
         """Builds a config from a dict that may hold other keys too (e.g. a checkpoint's hyperparameters)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return from_fields(cls, d)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

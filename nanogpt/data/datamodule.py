@@ -17,11 +17,11 @@ from nanogpt.data.batch_plan import BatchPlan, plan_batch
 from nanogpt.data.blocks import DataSkips, FixedBlocks, RandomBlocks, tokens_fit_on_device, tokens_to_device, val_block_starts
 from nanogpt.errors import NanoGPTError
 from nanogpt.data.splits import DEFAULT_VAL_BLOCKS, DEFAULT_VAL_FRACTION, split_tokens
-from nanogpt.data.token_cache import CorpusConfig, prepare_corpus
+from nanogpt.data.token_cache import CorpusConfig, EncodedCorpus, prepare_corpus
 from nanogpt.tokenizers.char import Tokenizer
 
 
-class CharDataModule(L.LightningDataModule):
+class TextDataModule(L.LightningDataModule):
     """Text for GPT training, as characters or subword tokens (see CorpusConfig.tokenizer).
 
     Args:
@@ -66,51 +66,64 @@ class CharDataModule(L.LightningDataModule):
         self.corpus = CorpusConfig(**corpus)
         self.micro_batch_size = micro_batch_size
         self.batch_plan: Optional[BatchPlan] = None  # set by apply_batch_plan once a Trainer gives the world size
+        self._planned_for: Optional[L.Trainer] = None  # the Trainer batch_plan was applied to
         self.tokens_on_device = tokens_on_device
         self._device_tokens: Optional[torch.Tensor] = None  # the training split on the training device
         self._tokens: Optional[np.ndarray] = None
         self._val: Optional[np.ndarray] = None  # the val_source tokens, when there is one
-        self._prepared = None
+        self._prepared: Optional[EncodedCorpus] = None  # the encoded corpus, checked (prepare_data)
+        self._n_train = 0
         self._tokenizer: Optional[Tokenizer] = None
         # training data passed over after rollbacks: set by nanogpt.training.rollback from the run's checkpoint
         self.skips = DataSkips()
 
     def prepare_data(self) -> None:
-        """Downloads and encodes the corpus into the cache (Lightning calls this on one process per node)."""
+        """Downloads and encodes the corpus into the cache and checks its splits (Lightning calls this on one process
+        per node, the CLI once more through vocab_size; the corpus is prepared once per process either way)."""
         if self._prepared is None:
-            self._prepared = prepare_corpus(self.corpus, self.cache_dir)
+            corpus = prepare_corpus(self.corpus, self.cache_dir)
+            self._n_train = self._checked_split(corpus)
+            self._prepared = corpus
 
     def setup(self, stage: Optional[str] = None) -> None:
-        """Reads and encodes the corpus (from the cache when it was seen before) and checks the splits.
+        """Memory-maps the encoded corpus (prepared here on the ranks that did not prepare it).
 
-        Under a Trainer, also splits the global batch over its world size (apply_batch_plan).
+        Under a Trainer, also splits the global batch over its world size (apply_batch_plan; the CLI has done that
+        already, a Trainer built by hand has not).
         """
         if self.trainer is not None:
             self.apply_batch_plan(self.trainer)
         if self._tokens is not None:
             return
+        self.prepare_data()  # memory-mapped from the cache: built there by prepare_data, or now on other nodes' ranks
+        corpus = self._prepared
+        self._tokens, self._tokenizer, self._val = corpus.train, corpus.tokenizer, corpus.val
+
+    def _checked_split(self, corpus: EncodedCorpus) -> int:
+        """The number of training tokens in corpus, after checking the options and that both splits hold a block."""
         for name in ("batch_size", "block_size", "val_blocks"):
             if getattr(self, name) < 1:
                 raise NanoGPTError(f"data.{name} must be a positive integer, got {getattr(self, name)}")
         if not 0.0 < self.val_fraction < 1.0:
             raise NanoGPTError(f"data.val_fraction must be between 0 and 1, got {self.val_fraction}")
-        # memory-mapped from the cache (built there by prepare_data, or here on the other nodes' ranks)
-        corpus = self._prepared or prepare_corpus(self.corpus, self.cache_dir)
         train, _ = split_tokens(corpus, self.corpus, self.val_fraction, self.block_size)
-        self._tokens, self._tokenizer, self._val = corpus.train, corpus.tokenizer, corpus.val
-        self._n_train = len(train)
+        return len(train)
 
     def apply_batch_plan(self, trainer: L.Trainer) -> BatchPlan:
-        """Splits the global batch over trainer's world size and sets the trainer's gradient accumulation to match.
+        """The one place the global batch is split: plans it for trainer's world size and applies the plan to trainer.
 
-        The CLI calls this as soon as its Trainer exists (a batch that does not divide is refused before any
-        process is launched); setup calls it again on every rank, which changes nothing once the plan is applied.
+        Sets the trainer's gradient accumulation, and counts an integer val_check_interval in optimizer steps
+        (Lightning counts it in micro-batches). Once per Trainer: the CLI calls this as soon as its Trainer exists
+        (a batch that does not divide is refused before any process is launched), and setup for a Trainer built by
+        hand; a second call for the same Trainer changes nothing. Readers take the plan from batch_plan_of(trainer).
         """
-        plan = self.batch_plan
-        if plan is None or (plan.world_size, plan.accumulation) != (trainer.world_size, trainer.accumulate_grad_batches):
-            plan = plan_batch(self.batch_size, trainer.world_size, self.micro_batch_size, trainer.accumulate_grad_batches)
-            trainer.accumulate_grad_batches = plan.accumulation
-            self.batch_plan = plan
+        if self.batch_plan is not None and self._planned_for is trainer:
+            return self.batch_plan
+        plan = plan_batch(self.batch_size, trainer.world_size, self.micro_batch_size, trainer.accumulate_grad_batches)
+        trainer.accumulate_grad_batches = plan.accumulation
+        if isinstance(trainer.val_check_interval, int):
+            trainer.val_check_interval *= plan.accumulation
+        self.batch_plan, self._planned_for = plan, trainer
         return plan
 
     @property
@@ -120,10 +133,14 @@ class CharDataModule(L.LightningDataModule):
 
     @property
     def tokenizer(self) -> Tokenizer:
-        """The corpus's tokenizer (characters or subwords); reads the data on first use (the CLI needs it to size the model)."""
+        """The corpus's tokenizer (characters or subwords).
+
+        The CLI reads it (vocab_size) to size the model before training starts: that prepares the corpus (the one
+        encoding into the cache, or a cache hit) and nothing more; setup is left to the Trainer.
+        """
         if self._tokenizer is None:
             self.prepare_data()
-            self.setup()
+            self._tokenizer = self._prepared.tokenizer
         assert self._tokenizer is not None
         return self._tokenizer
 
@@ -190,3 +207,13 @@ class CharDataModule(L.LightningDataModule):
         # its own generator: each validation's iterator draws a base seed from it, not from the global RNG that
         # dropout uses, so validating never shifts the training's random stream
         return DataLoader(ds, batch_size=None, generator=torch.Generator())
+
+
+# the name before subword tokens came: config.yaml files and scripts that name it keep working
+CharDataModule = TextDataModule
+
+
+def batch_plan_of(trainer: L.Trainer) -> Optional[BatchPlan]:
+    """The split of the global batch that trainer trains with: its TextDataModule's (None for other data)."""
+    datamodule = trainer.datamodule
+    return datamodule.batch_plan if isinstance(datamodule, TextDataModule) else None

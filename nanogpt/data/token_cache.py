@@ -45,7 +45,7 @@ def token_dtype(vocab_size: int) -> type:
 
 @dataclass(frozen=True)
 class CorpusConfig:
-    """What to read and how to encode it: the data.* options of the same names (CharDataModule takes these).
+    """What to read and how to encode it: the data.* options of the same names (TextDataModule takes these).
 
     Args:
         source: "tinyshakespeare" (downloaded once into the cache), a text file, a directory (files matching glob,

@@ -25,12 +25,12 @@ import torch
 
 from nanogpt.errors import ArgumentParser, NanoGPTError, reported_errors
 from nanogpt.io import load_checkpoint
-from nanogpt.model import GPT, GPTConfig
+from nanogpt.model import GPT, GPTConfig, marked
 from nanogpt.hf.pretrained import ACTIVATIONS_TO_GPT2, to_gpt2_state_dict
 from nanogpt.tokenizers.char import CharTokenizer, Tokenizer
 
 # the GPTConfig fields this exporter maps; any other field is a model option GPT-2 may not have
-MAPPED_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "activation")
+MAPPED_FIELDS = marked(GPTConfig, "exported")
 
 
 def check_exportable(config: GPTConfig) -> None:

@@ -22,7 +22,7 @@ import torch
 from nanogpt.io import safe_load
 from nanogpt.errors import NanoGPTError
 from nanogpt.hub import hub_folder
-from nanogpt.model import GPT, GPTConfig
+from nanogpt.model import GPT, GPTConfig, marked
 from nanogpt.tokenizers.char import Tokenizer
 
 SUPPORTED_MODEL_TYPES = ("gpt2",)
@@ -266,7 +266,7 @@ def pretrained_tokenizer(spec: str) -> Tokenizer:
 
 
 # the model.* settings a pretrained folder fixes (vocab_size comes with its tokenizer, block_size may be cropped)
-PRETRAINED_FIELDS = ("n_layer", "n_head", "n_embd", "activation", "bias")
+PRETRAINED_FIELDS = marked(GPTConfig, "pretrained")
 
 
 def weights_have_bias(folder: Path) -> bool:

@@ -31,7 +31,7 @@ from lightning.pytorch.plugins.precision import Precision
 from nanogpt.training.checkpointing import run_checkpoints
 from nanogpt.io import pick_resume_checkpoint, read_checkpoint, storage_error, storage_failure
 from nanogpt.training.checkpoint_io import RunCheckpointIO
-from nanogpt.data.datamodule import CharDataModule
+from nanogpt.data.datamodule import TextDataModule
 from nanogpt.training.strategies import apply_ddp_defaults
 from nanogpt.errors import NanoGPTError, exit_with
 from nanogpt.training.fault import FaultTolerance, TrainingInterrupted
@@ -49,7 +49,7 @@ from nanogpt.training.runlock import RunLock, is_global_rank_zero
 TRAINER_DEFAULTS: dict[str, Any] = {
     "max_epochs": -1,  # the training stream is endless: max_steps ends the run
     "max_steps": 5000,
-    "val_check_interval": 250,  # optimizer steps between validations (the CLI scales it by the accumulation)
+    "val_check_interval": 250,  # optimizer steps between validations (apply_batch_plan scales it by the accumulation)
     "check_val_every_n_epoch": None,
     "log_every_n_steps": 10,
     "gradient_clip_val": 1.0,
@@ -86,7 +86,7 @@ def resolve_ckpt_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
 
 
 class GPTLightningCLI(LightningCLI):
-    """LightningCLI for GPTModule and CharDataModule, with a run dir, resume and sensible defaults.
+    """LightningCLI for GPTModule and TextDataModule, with a run dir, resume and sensible defaults.
 
     run_dir_lock: where the run dir's lock (nanogpt/training/runlock.py) is held until the run ends; main() passes an
     ExitStack it closes on every exit. None (a CLI built in process, as tests do) takes no lock.
@@ -98,7 +98,7 @@ class GPTLightningCLI(LightningCLI):
         self.resume_step = 0  # the step the run continues from (0 for a new run)
         super().__init__(
             GPTModule,
-            CharDataModule,
+            TextDataModule,
             args=args,
             run=False,
             trainer_defaults=TRAINER_DEFAULTS,
@@ -245,12 +245,9 @@ class GPTLightningCLI(LightningCLI):
                 "FSDP needs GPUs (PyTorch's FSDP does not run on CPU); use --trainer.accelerator gpu, "
                 "or --trainer.strategy ddp to train on CPU processes"
             )
-        # the world size is known once the Trainer exists: refuse a global batch that does not divide now,
-        # before any process is launched
-        plan = self.datamodule.apply_batch_plan(trainer)
-        if isinstance(trainer.val_check_interval, int):
-            # Lightning counts val_check_interval in micro-batches: keep it in optimizer steps on any device count
-            trainer.val_check_interval *= plan.accumulation
+        # the world size is known once the Trainer exists: plan the global batch now (refusing one that does not
+        # divide before any process is launched), with validation counted in optimizer steps
+        self.datamodule.apply_batch_plan(trainer)
         return trainer
 
 

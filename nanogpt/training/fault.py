@@ -289,10 +289,17 @@ class FaultTolerance(Callback):
             self._vote.close(wait=getattr(exception, "all_ranks", False))
             self._vote = None
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.check_finite_loss:
+            # imported here: module.py imports this file for NonFiniteGuard
+            from nanogpt.training.module import require_gpt_module
+
+            require_gpt_module(pl_module, self, "the NonFiniteGuard (nonfinite)")
+
     def _check_finite(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        guard: Optional[NonFiniteGuard] = getattr(pl_module, "nonfinite", None)
-        if not self.check_finite_loss or guard is None:
+        if not self.check_finite_loss:
             return
+        guard: NonFiniteGuard = pl_module.nonfinite  # a GPTModule's (checked in setup)
         step = guard.bad_step(trainer)
         if step is not None:
             raise NonFiniteLossError(guard.message(step), step)

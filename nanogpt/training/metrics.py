@@ -20,10 +20,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from nanogpt.data.datamodule import batch_plan_of
 from nanogpt.errors import NanoGPTError
 from nanogpt.generate import sample
 from nanogpt.private import text_pb
 from nanogpt.training.loggers import tensorboard_file_writers
+from nanogpt.training.module import GPTModule, require_gpt_module
 from nanogpt.training.peaks import gpu_peak_tflops, missing_peak_line
 from nanogpt.model import GPTConfig
 from nanogpt.training.steps import is_logging_step, logged_step
@@ -104,8 +106,11 @@ class TrainingMonitor(Callback):
         self.best_val_loss = state_dict.get("best_val_loss")
         self.last_final_step = state_dict.get("last_final_step")
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        tokenizer = getattr(pl_module, "tokenizer", None)
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        require_gpt_module(pl_module, self, "the model, tokenizer, gradient norm and hyperparameters")
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: GPTModule) -> None:
+        tokenizer = pl_module.tokenizer
         if self.sample_tokens > 0 and tokenizer is not None and tokenizer.unknown_chars(self.sample_prompt):
             raise NanoGPTError(
                 f"monitor.sample_prompt {self.sample_prompt!r} has characters that are not in the data's vocabulary "
@@ -126,27 +131,26 @@ class TrainingMonitor(Callback):
     def _global_batch(trainer: L.Trainer) -> int:
         """Sequences in one optimizer step over all devices and accumulation micro-steps.
 
-        data.batch_size is that global batch already (CharDataModule splits it into micro-batches); a data module
-        without a batch plan is taken to give each device batch_size sequences per micro-step.
+        data.batch_size is that global batch already (TextDataModule's batch plan splits it into micro-batches); other
+        data is taken to give each device batch_size sequences per micro-step.
         """
-        dm = trainer.datamodule
-        plan = getattr(dm, "batch_plan", None)
+        plan = batch_plan_of(trainer)
         if plan is not None:
             return plan.global_batch
-        return dm.batch_size * trainer.accumulate_grad_batches * trainer.world_size
+        return trainer.datamodule.batch_size * trainer.accumulate_grad_batches * trainer.world_size
 
-    def _tokens_per_step(self, trainer: L.Trainer) -> int:
+    def _tokens_per_step(self, trainer: L.Trainer, pl_module: GPTModule) -> int:
         """Tokens in one optimizer step over all devices: the global batch x block_size."""
-        return self._global_batch(trainer) * trainer.datamodule.block_size
+        return self._global_batch(trainer) * pl_module.config.block_size
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: GPTModule) -> None:
         if self.tokens_seen is None:  # a new run, or a checkpoint written before this callback existed
-            self.tokens_seen = trainer.global_step * self._tokens_per_step(trainer)
+            self.tokens_seen = trainer.global_step * self._tokens_per_step(trainer, pl_module)
         if trainer.global_step == 0 and trainer.is_global_zero:
             self._log_once(trainer, pl_module)
         self._interval_start, self._interval_tokens, self._paused = time.perf_counter(), 0, 0.0
 
-    def _log_once(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _log_once(self, trainer: L.Trainer, pl_module: GPTModule) -> None:
         """At the start of a new run: hyperparameters for the HParams tab, parameter count and global batch."""
         from torch.utils.tensorboard.summary import hparams as hparams_summary
 
@@ -165,7 +169,7 @@ class TrainingMonitor(Callback):
                 "trainer/world_size": trainer.world_size,
                 "num_params": num_params,
                 "global_batch_size": global_batch,
-                "tokens_per_step": self._tokens_per_step(trainer),
+                "tokens_per_step": self._tokens_per_step(trainer, pl_module),
             }
         )
         # the HParams plugin takes bool, number and string values only
@@ -197,7 +201,7 @@ class TrainingMonitor(Callback):
                         writer.add_histogram(f"grads/{name}", p.grad.detach().float(), step)
 
     def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        self, trainer: L.Trainer, pl_module: GPTModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         x = batch[0]  # (B, T) on this rank; every rank trains as many tokens
         tokens = x.numel() * trainer.world_size
@@ -215,7 +219,7 @@ class TrainingMonitor(Callback):
             if self._peak_flops:
                 mfu = self._flops_per_token * tokens_per_sec / self._peak_flops
                 pl_module.log("train/mfu", mfu)
-        grad_norm = getattr(pl_module, "grad_norm", None)  # GPTModule keeps it from its clipping: no second pass
+        grad_norm = pl_module.grad_norm  # GPTModule keeps it from its clipping: no second pass
         if grad_norm is not None:
             pl_module.log("train/grad_norm", grad_norm)  # a device tensor: read with the step's other scalars
         self._interval_start, self._interval_tokens, self._paused = now, 0, 0.0
@@ -243,7 +247,7 @@ class TrainingMonitor(Callback):
             for writer in writers:
                 writer.add_summary(summary, logged_step(trainer))
 
-    def generate_sample(self, pl_module: L.LightningModule) -> str:
+    def generate_sample(self, pl_module: GPTModule) -> str:
         """The fixed prompt and its continuation by the model as it is now (seeded: only the model varies)."""
         was_training = pl_module.model.training
         pl_module.model.eval()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import lightning as L
 import torch
@@ -12,12 +12,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torchmetrics import MeanMetric
 
+from nanogpt.data.datamodule import TextDataModule, batch_plan_of
 from nanogpt.training.resume import capture_rng_state, check_resume_config, restore_rng_state
 from nanogpt.training.strategies import all_reduce
 from nanogpt.errors import NanoGPTError
 from nanogpt.private import leaves_gradients_scaled
 from nanogpt.training.fault import NonFiniteGuard
-from nanogpt.model import GPT, GPTConfig
+from nanogpt.model import GPT, Activation, GPTConfig, from_fields
 from nanogpt.training.optim import (
     OptimizerName,
     OptimizerSettings,
@@ -68,31 +69,33 @@ class GPTModule(L.LightningModule):
             folder's; the CLI takes it from there). Loaded when fit starts; a resumed run keeps its checkpoint's.
     """
 
+    # The defaults are GPTConfig's and OptimizerSettings' (the one place each is written); the arguments are spelled
+    # out because LightningCLI builds the --model.* flags, and load_from_checkpoint the module, from this signature.
     def __init__(
         self,
-        vocab_size: int = 65,
-        block_size: int = 256,
-        n_layer: int = 6,
-        n_head: int = 6,
-        n_embd: int = 384,
-        dropout: float = 0.2,
-        bias: bool = True,
-        activation: Literal["gelu", "gelu_tanh", "relu"] = "gelu",
-        learning_rate: float = 1e-3,
-        min_lr: float = 1e-4,
-        warmup_steps: int = 100,
-        decay_steps: Optional[int] = None,
-        weight_decay: float = 0.1,
-        beta1: float = 0.9,
-        beta2: float = 0.99,
+        vocab_size: int = GPTConfig.vocab_size,
+        block_size: int = GPTConfig.block_size,
+        n_layer: int = GPTConfig.n_layer,
+        n_head: int = GPTConfig.n_head,
+        n_embd: int = GPTConfig.n_embd,
+        dropout: float = GPTConfig.dropout,
+        bias: bool = GPTConfig.bias,
+        activation: Activation = GPTConfig.activation,
+        learning_rate: float = OptimizerSettings.learning_rate,
+        min_lr: float = OptimizerSettings.min_lr,
+        warmup_steps: int = OptimizerSettings.warmup_steps,
+        decay_steps: Optional[int] = OptimizerSettings.decay_steps,
+        weight_decay: float = OptimizerSettings.weight_decay,
+        beta1: float = OptimizerSettings.beta1,
+        beta2: float = OptimizerSettings.beta2,
         compile: bool = False,
-        optimizer: OptimizerName = "adamw",
-        muon_lr: float = 0.02,
-        muon_momentum: float = 0.95,
-        muon_weight_decay: float = 0.0,
-        muon_ns_steps: int = 5,
-        schedule: ScheduleName = "cosine",
-        cooldown_fraction: float = 0.2,
+        optimizer: OptimizerName = OptimizerSettings.optimizer,
+        muon_lr: float = OptimizerSettings.muon_lr,
+        muon_momentum: float = OptimizerSettings.muon_momentum,
+        muon_weight_decay: float = OptimizerSettings.muon_weight_decay,
+        muon_ns_steps: int = OptimizerSettings.muon_ns_steps,
+        schedule: ScheduleName = OptimizerSettings.schedule,
+        cooldown_fraction: float = OptimizerSettings.cooldown_fraction,
         init_from: Optional[str] = None,
     ) -> None:
         super().__init__()
@@ -100,34 +103,10 @@ class GPTModule(L.LightningModule):
         # (in checkpoints and hparams.yaml) stay plain values that name no code
         self.save_hyperparameters(ignore=["_instantiator", "_class_path"])
         try:
-            self.config = GPTConfig(
-                vocab_size=vocab_size,
-                block_size=block_size,
-                n_layer=n_layer,
-                n_head=n_head,
-                n_embd=n_embd,
-                dropout=dropout,
-                bias=bias,
-                activation=activation,
-            )
+            self.config: GPTConfig = from_fields(GPTConfig, self.hparams)
         except ValueError as e:
             raise NanoGPTError(str(e)) from None
-        self.optim_settings = OptimizerSettings(
-            optimizer=optimizer,
-            learning_rate=learning_rate,
-            min_lr=min_lr,
-            weight_decay=weight_decay,
-            beta1=beta1,
-            beta2=beta2,
-            muon_lr=muon_lr,
-            muon_momentum=muon_momentum,
-            muon_weight_decay=muon_weight_decay,
-            muon_ns_steps=muon_ns_steps,
-            schedule=schedule,
-            warmup_steps=warmup_steps,
-            decay_steps=decay_steps,
-            cooldown_fraction=cooldown_fraction,
-        )
+        self.optim_settings: OptimizerSettings = from_fields(OptimizerSettings, self.hparams)
         self.model = GPT(self.config)
         # which optimizer and weight decay each parameter gets: decided on the true shapes now, by name, because
         # under FSDP configure_optimizers sees parameters flattened into 1-D shards
@@ -268,8 +247,8 @@ class GPTModule(L.LightningModule):
         if stage == "fit" and self.hparams.init_from:
             # every rank reads the same files; when resuming, Lightning then puts the checkpoint's weights over these
             load_pretrained_weights(self.model, self.hparams.init_from)
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "tokenizer"):
+        datamodule = self.trainer.datamodule
+        if isinstance(datamodule, TextDataModule):  # set up before this module (see nanogpt/training/__init__.py)
             self._set_tokenizer(datamodule.tokenizer)
             if self.tokenizer.vocab_size != self.config.vocab_size:
                 raise NanoGPTError(
@@ -284,7 +263,7 @@ class GPTModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         # the split of the global batch in use, once: on the console and as scalars at the start step
-        plan = getattr(getattr(self.trainer, "datamodule", None), "batch_plan", None)
+        plan = batch_plan_of(self.trainer)
         if plan is not None:
             rank_zero_info(f"batch: {plan.describe()}")
             if self.logger is not None:  # loggers write on rank 0 only
@@ -361,3 +340,16 @@ def tokenizer_change(stored: Tokenizer, current: Tokenizer) -> str:
         f"the checkpoint's tokenizer is {stored.describe()} but the data's is {current.describe()}; "
         "resume with the --data.tokenizer the run was trained with, or start a new run"
     )
+
+
+def require_gpt_module(pl_module: L.LightningModule, callback: object, reads: str) -> GPTModule:
+    """pl_module, checked to be the GPTModule whose state the callback reads (what it reads, in words).
+
+    Callbacks call this in their setup hook, so any other LightningModule fails before training starts, in one line.
+    """
+    if not isinstance(pl_module, GPTModule):
+        raise TypeError(
+            f"{type(callback).__name__} reads {reads} of a nanogpt.training.module.GPTModule, but the Trainer runs a "
+            f"{type(pl_module).__name__}; train a GPTModule, or leave {type(callback).__name__} out of the callbacks"
+        )
+    return pl_module

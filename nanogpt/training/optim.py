@@ -19,6 +19,7 @@ from typing import Any, Callable, Literal, Optional
 import torch
 
 from nanogpt.errors import NanoGPTError
+from nanogpt.model import setting
 
 OptimizerName = Literal["adamw", "muon"]
 ScheduleName = Literal["cosine", "wsd"]
@@ -52,18 +53,21 @@ def warmup_stable_decay(
 
 @dataclass
 class OptimizerSettings:
-    """GPTModule's optimizer arguments (see its docstring for each)."""
+    """GPTModule's optimizer arguments (see its docstring for each); their defaults are GPTModule's.
 
-    optimizer: OptimizerName = "adamw"
-    learning_rate: float = 1e-3
+    Mark: restored, the checkpoint's optimizer state holds it, so a resumed run cannot change it (nanogpt.training.resume).
+    """
+
+    optimizer: OptimizerName = setting("adamw", restored=True)
+    learning_rate: float = setting(1e-3, restored=True)
     min_lr: float = 1e-4
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    muon_lr: float = 0.02
-    muon_momentum: float = 0.95
-    muon_weight_decay: float = 0.0
-    muon_ns_steps: int = 5
+    weight_decay: float = setting(0.1, restored=True)
+    beta1: float = setting(0.9, restored=True)
+    beta2: float = setting(0.99, restored=True)
+    muon_lr: float = setting(0.02, restored=True)
+    muon_momentum: float = setting(0.95, restored=True)
+    muon_weight_decay: float = setting(0.0, restored=True)
+    muon_ns_steps: int = setting(5, restored=True)
     schedule: ScheduleName = "cosine"
     warmup_steps: int = 100
     decay_steps: Optional[int] = None

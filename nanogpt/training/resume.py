@@ -10,16 +10,14 @@ import numpy as np
 import torch
 
 from nanogpt.errors import NanoGPTError
+from nanogpt.model import GPTConfig, marked
+from nanogpt.training.optim import OptimizerSettings
 
 # Fields of GPTModule that fix the shapes of the weights: a resumed run must match them exactly.
-SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "activation")
+SHAPE_FIELDS = marked(GPTConfig, "shape")
 # Fields whose checkpointed values win on resume (the optimizer state and base LR are restored from the file),
 # so a different value on the command line would be silently ignored: refuse it instead.
-RESTORED_FIELDS = (
-    "learning_rate", "weight_decay", "beta1", "beta2", "optimizer", "muon_lr", "muon_momentum", "muon_weight_decay",
-    "muon_ns_steps",
-)
-
+RESTORED_FIELDS = marked(OptimizerSettings, "restored")
 
 def config_differences(stored: dict[str, Any], current: dict[str, Any], fields: tuple[str, ...]) -> list[str]:
     """'name: stored -> current' for each field in fields whose value differs between the two hparam dicts."""

@@ -1,12 +1,13 @@
 """The DataModule's loaders, the path training uses: pure batches, ranks that split the global batch, resume."""
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
 import numpy as np
 import pytest
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from nanogpt.data.datamodule import CharDataModule
+from nanogpt.data.datamodule import TextDataModule
 from nanogpt.training.module import GPTModule
 
 N_CHARS = 3000  # distinct characters in increasing code point order: token id == position in the corpus
@@ -31,15 +32,18 @@ def positions_corpus(tmp_path):
 
 
 def datamodule(corpus, tmp_path, rank=0, world=1, **kw):
-    """A set-up CharDataModule on one of `world` simulated ranks: a DDP Trainer (nothing launched) given the rank
+    """A set-up TextDataModule on one of `world` simulated ranks: a DDP Trainer (nothing launched) given the rank
     through its cluster environment, where trainer.global_rank and trainer.world_size are read from."""
     kw = {"block_size": 16, "batch_size": 12, "val_blocks": 30, "seed": 7, **kw}
-    dm = CharDataModule(source=str(corpus), cache_dir=str(tmp_path / "cache"), **kw)
+    dm = TextDataModule(source=str(corpus), cache_dir=str(tmp_path / "cache"), **kw)
     trainer = L.Trainer(accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     if world > 1:
         trainer.strategy.cluster_environment.set_world_size(world)
         trainer.strategy.cluster_environment.set_global_rank(rank)
+        # set_global_rank also sets Lightning's process-wide rank_zero_only.rank: this test process stays rank 0, or
+        # the tests after it would log through dummy loggers
+        rank_zero_only.rank = 0
     assert (trainer.global_rank, trainer.world_size) == (rank, world)
     dm.trainer = trainer
     dm.setup("fit")
@@ -118,7 +122,7 @@ def _fit(dm, tmp_path, max_steps, ckpt_path=None):
 
 def test_a_resumed_fit_continues_the_same_batch_sequence(positions_corpus, tmp_path):
     def fresh():  # 2 micro-batches of 4 per optimizer step
-        return CharDataModule(source=str(positions_corpus), cache_dir=str(tmp_path / "cache"), block_size=16,
+        return TextDataModule(source=str(positions_corpus), cache_dir=str(tmp_path / "cache"), block_size=16,
                               batch_size=8, micro_batch_size=4, val_blocks=4, seed=3)
 
     _, whole = _fit(fresh(), tmp_path / "whole", 4)
@@ -132,10 +136,10 @@ def test_a_resumed_fit_continues_the_same_batch_sequence(positions_corpus, tmp_p
 
 
 def test_datamodule_does_no_work_in_init_and_setup_is_idempotent(tmp_path, shakespeare_text):
-    CharDataModule(source=str(tmp_path / "missing.txt"))  # no error yet: nothing is read in __init__
+    TextDataModule(source=str(tmp_path / "missing.txt"))  # no error yet: nothing is read in __init__
     f = tmp_path / "corpus.txt"
     f.write_text(shakespeare_text[:20000], encoding="utf-8")
-    dm = CharDataModule(source=str(f), block_size=32, batch_size=4, val_blocks=10, cache_dir=str(tmp_path / "c"))
+    dm = TextDataModule(source=str(f), block_size=32, batch_size=4, val_blocks=10, cache_dir=str(tmp_path / "c"))
     dm.setup("fit")
     tokens = dm.train_tokens
     dm.setup("fit")
@@ -149,7 +153,7 @@ def test_datamodule_does_no_work_in_init_and_setup_is_idempotent(tmp_path, shake
 
 
 def test_default_source_reads_the_seeded_cache(nanogpt_cache):
-    dm = CharDataModule(block_size=8)  # source tinyshakespeare, cache $NANOGPT_CACHE: no download
+    dm = TextDataModule(block_size=8)  # source tinyshakespeare, cache $NANOGPT_CACHE: no download
     assert dm.tokenizer.decode(dm.train_tokens[:14]) == "First Citizen:" and dm.vocab_size == 65
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanogpt.data.datamodule import CharDataModule
+from nanogpt.data.datamodule import TextDataModule
 from nanogpt.data.blocks import sample_rank_batch
 from nanogpt.data.token_cache import CorpusConfig, prepare_corpus
 from nanogpt.errors import NanoGPTError
@@ -327,13 +327,13 @@ def test_separate_validation_source_shares_the_vocabulary(tmp_path):
     train, val = tmp_path / "train.txt", tmp_path / "val.txt"
     train.write_text("abcdefgh" * 200, encoding="utf-8")
     val.write_text("hgfedcbaz" * 20, encoding="utf-8")  # z appears only here: still in the vocabulary
-    dm = CharDataModule(source=str(train), val_source=str(val), block_size=16, batch_size=4, val_blocks=8,
+    dm = TextDataModule(source=str(train), val_source=str(val), block_size=16, batch_size=4, val_blocks=8,
                         cache_dir=str(tmp_path / "cache"))
     dm.setup()
     assert len(dm.train_tokens) == 1600 and len(dm.val_tokens) == 180 and "z" in dm.tokenizer.chars
     x, y = next(iter(dm.val_dataloader()))
     assert dm.tokenizer.decode(x[0]).startswith("hgfedcbaz")
-    small = CharDataModule(source=str(train), val_source=str(val), block_size=200, cache_dir=str(tmp_path / "cache"))
+    small = TextDataModule(source=str(train), val_source=str(val), block_size=200, cache_dir=str(tmp_path / "cache"))
     with pytest.raises(NanoGPTError, match=r"validation source .*val.txt has 180 characters, fewer than block_size"):
         small.setup()
 

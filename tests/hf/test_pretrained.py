@@ -244,7 +244,7 @@ def test_fine_tune_resume_sample_and_export(folders, hf_tokenizer, tmp_path, nan
     """train.py --model.init_from FOLDER: the folder's weights, shape and tokenizer; the loss falls; a resume
     continues from the run's own checkpoint; sampling and export work on the result."""
     from nanogpt.tokenizers.bpe import SubwordTokenizer
-    from nanogpt.data.datamodule import CharDataModule
+    from nanogpt.data.datamodule import TextDataModule
     from nanogpt.data.blocks import sample_rank_batch
     from nanogpt.generate import sample
     from nanogpt.io import load_checkpoint
@@ -265,7 +265,7 @@ def test_fine_tune_resume_sample_and_export(folders, hf_tokenizer, tmp_path, nan
     assert model.config.activation == "gelu_tanh" and model.config.block_size == 32
     assert isinstance(tokenizer, SubwordTokenizer) and tokenizer.encode("ROMEO: hi").tolist() == hf_tokenizer(
         "ROMEO: hi")["input_ids"]
-    dm = CharDataModule(source="tinyshakespeare", tokenizer=str(folders["safetensors"]), block_size=32, batch_size=8)
+    dm = TextDataModule(source="tinyshakespeare", tokenizer=str(folders["safetensors"]), block_size=32, batch_size=8)
     x, y = sample_rank_batch(dm.train_tokens, 32, 8, 1337, 0, 0)
     with torch.no_grad():
         start_loss = load_pretrained(str(folders["safetensors"]), block_size=32)(x, y)[1].item()
@@ -326,7 +326,7 @@ def test_the_finetune_config_starts_on_a_cpu(folders, tmp_path, nanogpt_cache):
 def test_fine_tune_on_two_processes_starts_from_the_folder(folders, tmp_path, nanogpt_cache):
     """Under DDP (2 CPU processes over gloo) every rank starts from the folder's weights: the first global batch's
     loss is the pretrained model's."""
-    from nanogpt.data.datamodule import CharDataModule
+    from nanogpt.data.datamodule import TextDataModule
     from nanogpt.data.blocks import sample_rank_batch
 
     run = tmp_path / "run"
@@ -338,7 +338,7 @@ def test_fine_tune_on_two_processes_starts_from_the_folder(folders, tmp_path, na
                         "--trainer.default_root_dir", run, cwd=tmp_path, env={"NANOGPT_CACHE": str(nanogpt_cache)},
                         timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    dm = CharDataModule(source="tinyshakespeare", tokenizer=str(folders["safetensors"]), block_size=32, batch_size=8)
+    dm = TextDataModule(source="tinyshakespeare", tokenizer=str(folders["safetensors"]), block_size=32, batch_size=8)
     x, y = sample_rank_batch(dm.train_tokens, 32, 8, 1337, 0, 0)  # the global batch of step 0, both ranks' rows
     with torch.no_grad():
         start_loss = load_pretrained(str(folders["safetensors"]), block_size=32)(x, y)[1].item()

@@ -148,13 +148,13 @@ class _BigStateThenFail(Callback):
 
 
 def test_a_save_in_flight_at_an_exception_is_finished_before_fit_returns(tmp_path, shakespeare_text):
-    from nanogpt.data.datamodule import CharDataModule
+    from nanogpt.data.datamodule import TextDataModule
     from nanogpt.training.checkpointing import run_checkpoints
     from nanogpt.training.module import GPTModule
 
     f = tmp_path / "corpus.txt"
     f.write_text(shakespeare_text[:20000], encoding="utf-8")
-    dm = CharDataModule(source=str(f), block_size=16, batch_size=4, val_blocks=4, cache_dir=str(tmp_path / "c"))
+    dm = TextDataModule(source=str(f), block_size=16, batch_size=4, val_blocks=4, cache_dir=str(tmp_path / "c"))
     model = GPTModule(vocab_size=dm.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
     ckpts = tmp_path / "run" / "checkpoints"
     io = RunCheckpointIO(async_save=True)

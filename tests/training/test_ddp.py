@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from nanogpt.data.datamodule import CharDataModule
+from nanogpt.data.datamodule import TextDataModule
 from nanogpt.training.module import GPTModule
 from tests.conftest import REPO, TINY_CONFIG, assert_user_error, read_scalars, run_script
 
@@ -221,7 +221,7 @@ def validate(ckpt: str, devices: int, strategy: str) -> dict:
     """val metrics of a checkpoint from a real Trainer.validate on `devices` CPU processes (rank 0's result)."""
     model = GPTModule.load_from_checkpoint(ckpt, map_location="cpu")
     # 63 blocks: 32 on rank 0 and 31 on rank 1, in micro-batches of 8 (16 on one process)
-    data = CharDataModule(block_size=model.hparams.block_size, batch_size=16, val_blocks=63)
+    data = TextDataModule(block_size=model.hparams.block_size, batch_size=16, val_blocks=63)
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False,
                         enable_progress_bar=False, enable_model_summary=False)
     (metrics,) = trainer.validate(model, datamodule=data)

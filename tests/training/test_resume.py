@@ -295,7 +295,7 @@ def test_fused_adamw_skips_a_step_with_nan_gradients_on_the_device(tmp_path, sha
     """
     import lightning as L
 
-    from nanogpt.data.datamodule import CharDataModule
+    from nanogpt.data.datamodule import TextDataModule
     from nanogpt.training.fault import FaultTolerance, NonFiniteGuard, NonFiniteLossError
     from nanogpt.training.module import GPTModule
 
@@ -313,7 +313,7 @@ def test_fused_adamw_skips_a_step_with_nan_gradients_on_the_device(tmp_path, sha
 
     f = tmp_path / "corpus.txt"
     f.write_text(shakespeare_text[:20000], encoding="utf-8")
-    dm = CharDataModule(source=str(f), block_size=16, batch_size=4, val_blocks=4, cache_dir=str(tmp_path / "c"))
+    dm = TextDataModule(source=str(f), block_size=16, batch_size=4, val_blocks=4, cache_dir=str(tmp_path / "c"))
     model = GPTModule(vocab_size=dm.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
     assert model.nonfinite.skip_on_device is None  # the default: on the device wherever that is not the CPU
     model.nonfinite = NonFiniteGuard(skip_on_device=on_device)
@@ -668,7 +668,7 @@ def test_a_signal_at_an_every_n_step_writes_last_ckpt_once(shakespeare_text, tmp
 
     from nanogpt.training.checkpointing import run_checkpoints
     from nanogpt.training.checkpointing import AtomicCheckpointIO
-    from nanogpt.data.datamodule import CharDataModule
+    from nanogpt.data.datamodule import TextDataModule
     from nanogpt.training.fault import FaultTolerance, TrainingInterrupted
     from nanogpt.training.module import GPTModule
 
@@ -688,7 +688,7 @@ def test_a_signal_at_an_every_n_step_writes_last_ckpt_once(shakespeare_text, tmp
 
     f = tmp_path / "corpus.txt"
     f.write_text(shakespeare_text[:20000], encoding="utf-8")
-    dm = CharDataModule(source=str(f), block_size=16, batch_size=4, val_blocks=4, cache_dir=str(tmp_path / "c"))
+    dm = TextDataModule(source=str(f), block_size=16, batch_size=4, val_blocks=4, cache_dir=str(tmp_path / "c"))
     model = GPTModule(vocab_size=dm.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
     io = CountingIO()
     ckpt_dir = tmp_path / "run" / "checkpoints"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from nanogpt.data.datamodule import CharDataModule
+from nanogpt.data.datamodule import TextDataModule
 from nanogpt.data.blocks import sample_rank_batch, tokens_fit_on_device, tokens_to_device
 from nanogpt.training.fault import NonFiniteGuard
 from nanogpt.training.module import GPTModule
@@ -39,7 +39,7 @@ def test_corpus_stays_on_the_host_for_a_cpu_run():
 def test_datamodule_serves_the_same_batches_from_either_placement(tmp_path, shakespeare_text, on_device):
     f = tmp_path / "corpus.txt"
     f.write_text(shakespeare_text[:20000], encoding="utf-8")
-    dm = CharDataModule(source=str(f), block_size=32, batch_size=4, seed=3, cache_dir=str(tmp_path / "c"),
+    dm = TextDataModule(source=str(f), block_size=32, batch_size=4, seed=3, cache_dir=str(tmp_path / "c"),
                         tokens_on_device=on_device)
     loader = dm.train_dataloader()
     assert loader.pin_memory is False  # pinning is for host batches bound for a GPU
@@ -50,11 +50,11 @@ def test_datamodule_serves_the_same_batches_from_either_placement(tmp_path, shak
         assert torch.equal(x, ex) and torch.equal(y, ey)
 
 
-def _small_data(tmp_path, text, **kwargs) -> CharDataModule:
+def _small_data(tmp_path, text, **kwargs) -> TextDataModule:
     """A data module over 20,000 characters of Shakespeare: blocks of 16, batches of 4, 4 validation blocks."""
     f = tmp_path / "corpus.txt"
     f.write_text(text[:20000], encoding="utf-8")
-    return CharDataModule(**{"source": str(f), "block_size": 16, "batch_size": 4, "val_blocks": 4,
+    return TextDataModule(**{"source": str(f), "block_size": 16, "batch_size": 4, "val_blocks": 4,
                              "cache_dir": str(tmp_path / "c"), **kwargs})
 
 

@@ -9,7 +9,7 @@ import yaml
 from lightning.pytorch.strategies import DDPStrategy
 
 from nanogpt.training.cli import GPTLightningCLI
-from nanogpt.data.datamodule import CharDataModule
+from nanogpt.data.datamodule import TextDataModule
 from nanogpt.data.blocks import sample_rank_batch
 from nanogpt.data.batch_plan import BatchPlan, plan_batch
 from nanogpt.training.strategies import DDP_DEFAULTS, GPTFSDPStrategy
@@ -115,7 +115,7 @@ def test_datamodule_applies_the_plan_to_its_trainer(tmp_path, shakespeare_text):
 
     f = tmp_path / "corpus.txt"
     f.write_text(shakespeare_text[:20000], encoding="utf-8")
-    dm = CharDataModule(source=str(f), block_size=32, batch_size=12, micro_batch_size=3, val_blocks=10,
+    dm = TextDataModule(source=str(f), block_size=32, batch_size=12, micro_batch_size=3, val_blocks=10,
                         cache_dir=str(tmp_path / "c"))
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False)
     dm.trainer = trainer
