@@ -1,7 +1,6 @@
 """The DataModule's loaders, the path training uses: pure batches, ranks that split the global batch, resume."""
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_only
 import numpy as np
 import pytest
 import torch
@@ -12,15 +11,6 @@ from nanogpt.training.module import GPTModule
 
 N_CHARS = 3000  # distinct characters in increasing code point order: token id == position in the corpus
 N_TRAIN = 2700  # val_fraction 0.1 holds out the last 300
-
-
-@pytest.fixture(autouse=True)
-def rank_zero_restored():
-    """A simulated rank's set_global_rank also sets rank_zero_only.rank for the whole process: put it back, or every
-    later test in this process logs as a non-zero rank (no TensorBoard writer, no events)."""
-    rank = rank_zero_only.rank
-    yield
-    rank_zero_only.rank = rank
 
 
 @pytest.fixture
