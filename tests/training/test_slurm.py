@@ -8,6 +8,7 @@ installs it, so CI runs them.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -100,18 +101,23 @@ def test_time_limit_signal_checkpoints_requeues_and_the_job_finishes(slurm, tmp_
     """(b) SLURM's warning before the time limit (--signal=B:USR1@N): the tasks stop checkpointed at the signal,
     rank 0 requeues the job (as a task of a job array: scontrol requeue ARRAYJOB_TASK), and the next start
     finishes it."""
-    # 1 task, slowed to 2.5 s a step in its first start: SLURM checks its timers every 30 s, so the signal comes
-    # 40 to 70 s into the job, mid-run; the next start has all of its 2 minutes for the remaining steps
-    job = Job(slurm, tmp_path, nanogpt_cache, "--array=3", "--time=2:00", "--signal=B:USR1@80", tasks=1,
-              throttle=2.5)
-    state = job.done(timeout=600)
+    # SLURM checks its timers every 30 s and signals up to a minute early: with a 5-minute limit the warning is
+    # minutes away; once training runs, the limit becomes 2 minutes, so the warning comes within 30 s, mid-run
+    job = Job(slurm, tmp_path, nanogpt_cache, "--array=3", "--time=5:00", "--signal=B:USR1@60", tasks=1,
+              throttle=1.0)
+    wait_for(job.probe, job.running)
+    slurm.command("scontrol", "update", f"JobId={job.id}", "TimeLimit=2")
+    slurm.wait_for(job.id, lambda s: int(s.get("Restarts", 0)) >= 1, "to be requeued")
+    slurm.command("scontrol", "update", f"JobId={job.id}", "TimeLimit=5")  # the next start has its minutes
+    state = job.done()
     output = job.output()
-    assert int(state["Restarts"]) >= 1, output[-4000:]
-    assert "SIGUSR1 received: stopped after step" in output, output[-4000:]
+    assert state["Restarts"] == "1", output[-4000:]
+    stopped = re.findall(r"SIGUSR1 received: stopped after step (\d+), checkpoint saved", output)
+    assert len(stopped) == 1, output[-4000:]
     assert f"requeued SLURM job {job.id}_3" in output
     assert load(job.run / "checkpoints" / "last.ckpt")["global_step"] == MAX_STEPS
-    records = starts(job.probe)
-    assert records[0]["step"] == 0 and records[1]["step"] > 0  # the requeued start resumed the signal's checkpoint
+    first, second = starts(job.probe)
+    assert first["step"] == 0 and second["step"] == int(stopped[0])  # resumed at the signal's checkpoint
 
 
 def test_scancel_stops_checkpointed_and_nothing_is_requeued(slurm, tmp_path, nanogpt_cache):
