@@ -355,8 +355,11 @@ def main(args: Optional[list[str]] = None) -> None:
             cli = GPTLightningCLI(args, run_dir_lock=run_dir_lock)
             fit_with_rollbacks(cli.trainer, cli.model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path)
     except (TrainingInterrupted, _SignalledOutsideTraining) as e:
-        # the run dir's lock is released by now: a requeued job may take it at once
-        if isinstance(e, TrainingInterrupted):
+        # the run dir's lock is released by now: a requeued job may take it at once. Every rank stopped at the same
+        # step: rank 0 says so for all
+        if not is_global_rank_zero():
+            pass
+        elif isinstance(e, TrainingInterrupted):
             print(f"stopped: {e}", file=sys.stderr, flush=True)
         else:
             print(f"stopped: {signal.Signals(e.signum).name} received outside the training loop", file=sys.stderr,

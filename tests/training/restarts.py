@@ -54,6 +54,18 @@ class Throttle(L.Callback):
             time.sleep(self.seconds)
 
 
+class Hold(L.Callback):
+    """Holds the run before training starts (in setup, before the stop handlers are installed): touches `flag`, then
+    waits up to a few minutes, so that a test can signal a run that is not training yet."""
+
+    def __init__(self, flag: str) -> None:
+        self.flag = flag
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        Path(self.flag).touch()
+        time.sleep(300)
+
+
 class LockProbe(L.Callback):
     """Appends, at every start, one JSON line to `out` on global rank 0: the restart count, the run.lock this start
     holds, the step it starts from and its PID."""

@@ -5,13 +5,13 @@ The SLURM side of the same story is in test_slurm.py.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from nanogpt.errors import NanoGPTError, hide_srun_hint
 from nanogpt.training.cli import resolve_ckpt_path
 from nanogpt.training.cluster import one_checkpoint_mechanism, requeue_id, requeue_job, restart_of
-from tests.conftest import REPO, read_scalars, run_script, run_train
+from tests.conftest import REPO, read_scalars, run_train
 from tests.training.restarts import (ARGS, MAX_STEPS, OFFLINE, assert_one_run_same_weights, callbacks, load, starts,
                                      wait_for)
 
@@ -157,6 +157,36 @@ def test_sigusr1_checkpoints_and_exits_then_auto_finishes_the_run(tmp_path, nano
     assert [s for s, _ in read_scalars(run)["train/loss"]] == list(range(MAX_STEPS))
     assert starts(probe)[0]["step"] == 0  # auto started fresh, then (below) resumed
     assert f"Restored all states from the checkpoint at {run}/checkpoints/last.ckpt" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_sigusr1_before_training_exits_at_once_and_requeues_the_slurm_job(tmp_path, nanogpt_cache, no_scheduler):
+    """SIGUSR1 that comes before training starts (a job still starting when its time runs out): no checkpoint to
+    write, the lock released, and the job requeued all the same (here `scontrol` is a stand-in that records its
+    arguments: the real requeue is test_slurm.py's)."""
+    run, flag, calls = tmp_path / "run", tmp_path / "holding", tmp_path / "scontrol.txt"
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    scontrol.chmod(0o755)
+    hold = json.dumps({"class_path": "tests.training.restarts.Hold", "init_args": {"flag": str(flag)}})
+    env = {**os.environ, "NANOGPT_CACHE": str(nanogpt_cache), **OFFLINE, "PYTHONPATH": str(REPO),
+           "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "31"}
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *ARGS, "--trainer.default_root_dir", str(run), "--ckpt_path", "auto",
+         "--trainer.callbacks+", hold], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        wait_for(flag, lambda: proc.poll() is None)
+        assert (run / "run.lock").exists()
+        proc.send_signal(signal.SIGUSR1)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGUSR1, stderr[-3000:]
+    assert "stopped: SIGUSR1 received outside the training loop" in stderr and "Traceback" not in stderr
+    assert "requeued SLURM job 31" in stderr
+    assert calls.read_text().split() == ["requeue", "31"]
+    assert not (run / "run.lock").exists() and not (run / "checkpoints").exists()
 
 
 # ---- torchrun elastic ----------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 
 from nanogpt.io import check_resumable
 from tests.conftest import REPO, TINY_CONFIG
-from tests.training.restarts import (ARGS, MAX_STEPS, OFFLINE, assert_one_run_same_weights, callbacks, load, starts,
+from tests.training.restarts import (ARGS, MAX_STEPS, OFFLINE, assert_one_run_same_weights, callbacks, starts,
                                      wait_for)
 from tests.training.slurm_cluster import REQUEUE_WAIT, SlurmCluster, missing_programs
 
@@ -97,14 +96,14 @@ def test_requeued_job_comes_back_by_itself_and_ends_bit_identical(slurm, uninter
     assert "SLURM auto-requeueing enabled" not in output  # Lightning's own requeue is off: one mechanism
 
 
-def test_time_limit_signal_checkpoints_requeues_and_the_job_finishes(slurm, tmp_path, nanogpt_cache):
+def test_time_limit_signal_checkpoints_requeues_and_the_job_finishes(slurm, uninterrupted_ddp, tmp_path,
+                                                                     nanogpt_cache):
     """(b) SLURM's warning before the time limit (--signal=B:USR1@N): the tasks stop checkpointed at the signal,
     rank 0 requeues the job (as a task of a job array: scontrol requeue ARRAYJOB_TASK), and the next start
     finishes it."""
     # SLURM checks its timers every 30 s and signals up to a minute early: with a 5-minute limit the warning is
     # minutes away; once training runs, the limit becomes 2 minutes, so the warning comes within 30 s, mid-run
-    job = Job(slurm, tmp_path, nanogpt_cache, "--array=3", "--time=5:00", "--signal=B:USR1@60", tasks=1,
-              throttle=1.0)
+    job = Job(slurm, tmp_path, nanogpt_cache, "--array=3", "--time=5:00", "--signal=B:USR1@60", throttle=1.0)
     wait_for(job.probe, job.running)
     slurm.command("scontrol", "update", f"JobId={job.id}", "TimeLimit=2")
     slurm.wait_for(job.id, lambda s: int(s.get("Restarts", 0)) >= 1, "to be requeued")
@@ -113,11 +112,11 @@ def test_time_limit_signal_checkpoints_requeues_and_the_job_finishes(slurm, tmp_
     output = job.output()
     assert state["Restarts"] == "1", output[-4000:]
     stopped = re.findall(r"SIGUSR1 received: stopped after step (\d+), checkpoint saved", output)
-    assert len(stopped) == 1, output[-4000:]
+    assert len(stopped) == 1, output[-4000:]  # both tasks stopped at one step, and rank 0 says it once
     assert f"requeued SLURM job {job.id}_3" in output
-    assert load(job.run / "checkpoints" / "last.ckpt")["global_step"] == MAX_STEPS
     first, second = starts(job.probe)
     assert first["step"] == 0 and second["step"] == int(stopped[0])  # resumed at the signal's checkpoint
+    assert_one_run_same_weights(uninterrupted_ddp, job.run)
 
 
 def test_scancel_stops_checkpointed_and_nothing_is_requeued(slurm, tmp_path, nanogpt_cache):
