@@ -21,6 +21,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from nanogpt.errors import NanoGPTError, hide_srun_hint
 from nanogpt.training.cli import resolve_ckpt_path
 from nanogpt.training.cluster import one_checkpoint_mechanism, requeue_id, requeue_job, restart_of
+from nanogpt.training.runlock import LOCK_NAME, RunLock
 from tests.conftest import REPO, read_scalars, run_train
 from tests.training.restarts import (ARGS, MAX_STEPS, OFFLINE, assert_one_run_same_weights, callbacks, load, starts,
                                      wait_for)
@@ -124,6 +125,27 @@ def test_lightning_srun_hint_only_inside_a_slurm_job(tmp_path, monkeypatch, no_s
             SLURMEnvironment.detect()  # what Lightning's Trainer and Fabric run at start-up
         hints = [w for w in caught if "`srun` command is available" in str(w.message)]
         assert len(hints) == int(inside)
+
+
+def test_a_restarted_job_takes_over_its_own_lock_left_on_another_node(tmp_path, monkeypatch, no_scheduler):
+    """A start killed outright (SIGKILL after SLURM's KillWait, a lost node) leaves run.lock behind, and the requeued
+    job may start on another node: that lock is its own earlier start's, taken over; any other host's is refused."""
+    stale = {"host": "node-that-died", "pid": 4242, "started": "2026-01-01 00:00:00+00:00",
+             "job": "SLURM_JOB_ID=77", "restart": 0}
+    notes = []
+    for restart, job, taken in (("0", "77", False), ("1", "78", False), ("1", "77", True)):
+        (tmp_path / LOCK_NAME).write_text(json.dumps(stale))
+        monkeypatch.setenv("SLURM_JOB_ID", job)
+        monkeypatch.setenv("SLURM_RESTART_COUNT", restart)
+        lock = RunLock(tmp_path, log=notes.append)
+        if not taken:
+            with pytest.raises(NanoGPTError, match="locked by a run on another host"):
+                lock.acquire()
+            continue
+        with lock:
+            held = json.loads((tmp_path / LOCK_NAME).read_text())
+            assert (held["job"], held["restart"], held["pid"]) == ("SLURM_JOB_ID=77", 1, os.getpid())
+    assert len(notes) == 1 and "from an earlier start of this job (SLURM_JOB_ID=77" in notes[0]
 
 
 # ---- SIGUSR1 without a scheduler, then auto --------------------------------------------------------------------
@@ -232,3 +254,4 @@ def test_torchrun_elastic_restart_resumes_and_ends_bit_identical(uninterrupted_d
     assert_one_run_same_weights(uninterrupted_ddp, run, crashed=True)
     first, second = starts(probe)
     assert (first["restart"], second["restart"]) == (0, 1) and second["step"] >= 10
+    assert first["lock"]["job"] == second["lock"]["job"] == "TORCHELASTIC_RUN_ID=elastic-test"

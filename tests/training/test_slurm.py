@@ -90,6 +90,8 @@ def test_requeued_job_comes_back_by_itself_and_ends_bit_identical(slurm, uninter
     assert (first["restart"], second["restart"]) == (0, 1)
     assert first["step"] == 0 and second["step"] >= 10  # the second start resumed a checkpoint
     assert first["lock"]["pid"] == first["pid"] and second["lock"]["pid"] == second["pid"] != first["pid"]
+    assert [(r["lock"]["job"], r["lock"]["restart"]) for r in (first, second)] == [(f"SLURM_JOB_ID={job.id}", 0),
+                                                                                   (f"SLURM_JOB_ID={job.id}", 1)]
     assert "took over the lock" not in output  # the first start released it: nothing stale to take over
     assert sorted(p.name for p in job.run.iterdir() if not p.name.startswith("events.")) == [
         "checkpoints", "config.yaml", "hparams.yaml"]
