@@ -148,6 +148,20 @@ def test_a_restarted_job_takes_over_its_own_lock_left_on_another_node(tmp_path, 
     assert len(notes) == 1 and "from an earlier start of this job (SLURM_JOB_ID=77" in notes[0]
 
 
+def test_nanogpt_eval_shows_no_srun_hint_outside_slurm(random_checkpoint, tmp_path, monkeypatch, capsys,
+                                                      no_scheduler):
+    from nanogpt.evaluate import main as evaluate_main
+
+    monkeypatch.setenv("PATH", _fake_srun(tmp_path))
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 20)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        evaluate_main(["--ckpt", str(random_checkpoint), "--source", str(text), "--device", "cpu"])
+    assert '"loss"' in capsys.readouterr().out  # it evaluated, through Lightning Fabric
+    assert not [w for w in caught if "`srun` command is available" in str(w.message)]
+
+
 # ---- SIGUSR1 without a scheduler, then auto --------------------------------------------------------------------
 
 
