@@ -250,7 +250,9 @@ def test_torchrun_elastic_restart_resumes_and_ends_bit_identical(uninterrupted_d
     """The README's elastic recipe on 2 CPU processes: a worker killed (SIGKILL) after the first checkpoint, the
     group restarts, resumes the newest intact checkpoint and ends with an uninterrupted run's weights."""
     run, probe = tmp_path / "run", tmp_path / "starts.jsonl"
-    env = {**os.environ, "NANOGPT_CACHE": str(nanogpt_cache), **OFFLINE, "PYTHONPATH": str(REPO)}
+    # the recipe's store per attempt: with torchrun's shared one, a restarted worker can read a dead peer's address
+    env = {**os.environ, "NANOGPT_CACHE": str(nanogpt_cache), **OFFLINE, "PYTHONPATH": str(REPO),
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2", "--max-restarts",
          "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "elastic-test",
