@@ -105,7 +105,7 @@ def test_time_limit_signal_checkpoints_requeues_and_the_job_finishes(slurm, unin
     finishes it."""
     # SLURM checks its timers every 30 s and signals up to a minute early: with a 5-minute limit the warning is
     # minutes away; once training runs, the limit becomes 2 minutes, so the warning comes within 30 s, mid-run
-    job = Job(slurm, tmp_path, nanogpt_cache, "--array=3", "--time=5:00", "--signal=B:USR1@60", throttle=1.0)
+    job = Job(slurm, tmp_path, nanogpt_cache, "--array=3", "--time=5:00", "--signal=B:USR1@60", throttle=3.0)
     wait_for(job.probe, job.running)
     slurm.command("scontrol", "update", f"JobId={job.id}", "TimeLimit=2")
     slurm.wait_for(job.id, lambda s: int(s.get("Restarts", 0)) >= 1, "to be requeued")
