@@ -129,7 +129,7 @@ class GPTLightningCLI(LightningCLI):
             type=Optional[str],
             default=None,
             help="resume from 'last' (RUN/checkpoints/last.ckpt), 'best' (RUN/checkpoints/best.ckpt) or a file; "
-            "'auto' resumes as last when the run dir holds checkpoints and else starts fresh (jobs a scheduler restarts)",
+            "'auto' resumes as last when the run dir holds checkpoints, else starts fresh (jobs a scheduler restarts)",
         )
         parser.add_argument(
             "--logger",
