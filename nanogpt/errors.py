@@ -3,7 +3,10 @@ cannot be written (disk full, read-only, gone); and the argument parser of the e
 the same way."""
 
 import argparse
+import os
 import sys
+import warnings
+from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Iterator, NoReturn
 
@@ -27,6 +30,22 @@ class StorageError(NanoGPTError):
 class StoppedWithAnotherRank(NanoGPTError):
     """This process stops because another rank of the run found an error and reports it: exit_with prints
     nothing here, so a multi-process run shows the error once, from the rank that saw it."""
+
+
+# what Lightning warns on any machine with srun on the PATH (every SLURM login node), even outside a job
+SRUN_HINT = r".*The `srun` command is available on your system but is not used.*"
+
+
+def under_slurm(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether this process runs inside a SLURM job (a batch script, srun, salloc)."""
+    return "SLURM_JOB_ID" in environ
+
+
+def hide_srun_hint(environ: Mapping[str, str] = os.environ) -> None:
+    """Drops Lightning's "srun is available but not used" hint outside SLURM jobs, where it is noise (entry points
+    call it); inside a job that forgot srun the hint is kept, since there it is right."""
+    if not under_slurm(environ):
+        warnings.filterwarnings("ignore", message=SRUN_HINT)
 
 
 def first_line(e: BaseException) -> str:

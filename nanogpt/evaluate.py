@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from nanogpt.data.sources import SourceFlags, open_source
 from nanogpt.data.splits import run_validation_blocks
 from nanogpt.data.token_cache import encode_text, token_dtype
-from nanogpt.errors import NanoGPTError, reported_errors
+from nanogpt.errors import NanoGPTError, hide_srun_hint, reported_errors
 from nanogpt.hf.pretrained import load_pretrained, pretrained_tokenizer
 from nanogpt.io import load_checkpoint, resolve_checkpoint
 from nanogpt.model import GPT
@@ -245,6 +245,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     with reported_errors():
         check_args(args)
+        hide_srun_hint()
         import lightning as L
 
         from nanogpt.generate import pick_device

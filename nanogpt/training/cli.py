@@ -1,6 +1,6 @@
 """The training command line: LightningCLI with a run directory per run.
 
-    python train.py --config configs/shakespeare_char.yaml [--trainer.* --model.* --data.*] [--ckpt_path last|FILE]
+    python train.py --config configs/shakespeare_char.yaml [--trainer.* --model.* --data.*] [--ckpt_path last|auto|FILE]
 
 Everything a run writes lives in its run dir (--trainer.default_root_dir, default out/<config name>):
 checkpoints in RUN/checkpoints (last.ckpt, best.ckpt), TensorBoard events and the resolved config.yaml in RUN.
@@ -29,14 +29,16 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.precision import Precision
 
 from nanogpt.training.checkpointing import run_checkpoints
+from nanogpt.training.cluster import one_checkpoint_mechanism, requeue_job, restart_hint, stop_signals, wants_requeue
 from nanogpt.io import pick_resume_checkpoint, read_checkpoint, storage_error, storage_failure
 from nanogpt.training.checkpoint_io import RunCheckpointIO
 from nanogpt.data.datamodule import TextDataModule
 from nanogpt.training.strategies import apply_ddp_defaults
-from nanogpt.errors import NanoGPTError, exit_with
+from nanogpt.errors import NanoGPTError, exit_with, hide_srun_hint
 from nanogpt.training.fault import FaultTolerance, TrainingInterrupted
 from nanogpt.training.module import GPTModule
 from nanogpt.training.precision import cpu_fp16_plugin, resolve_precision
+from nanogpt.training.resume import check_resume_config
 from nanogpt.hf.pretrained import PRETRAINED_FIELDS, pretrained_settings
 from nanogpt.private import TESTED_LIGHTNING_VERSIONS, is_tested_lightning
 from nanogpt.training.loggers import RunCSVLogger, RunTensorBoardLogger
@@ -63,16 +65,27 @@ def run_dir_for(config_files: list[Any]) -> Path:
 
 
 def resolve_ckpt_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
-    """Turns --ckpt_path into a file path, refusing anything that would lose or overwrite a run's checkpoints."""
+    """Turns --ckpt_path into a file path, refusing anything that would lose or overwrite a run's checkpoints.
+
+    auto (the command a scheduler restarts): resume as last does when the run dir holds checkpoints, else None.
+    """
     ckpt_dir = run_dir / "checkpoints"
+    existing = sorted(ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
     if ckpt_path is None:
-        existing = sorted(ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
         if existing:
             raise NanoGPTError(
                 f"run dir {run_dir} already holds checkpoints ({', '.join(p.name for p in existing)}); "
                 "resume it with --ckpt_path last, or start a new run with another --trainer.default_root_dir"
+                + restart_hint()
             )
         return None
+    if ckpt_path == "auto":
+        if not existing:
+            return None  # a first start: nothing to resume
+        try:
+            return str(pick_resume_checkpoint(ckpt_dir))
+        except NanoGPTError as e:  # the same refusals as last, named as the flag the user gave
+            raise NanoGPTError(str(e).replace("--ckpt_path last:", "--ckpt_path auto:", 1)) from None
     if ckpt_path == "last":
         # last.ckpt, or the newest readable step checkpoint when it is damaged (saying so); never a silent fresh start
         return str(pick_resume_checkpoint(ckpt_dir))
@@ -96,6 +109,7 @@ class GPTLightningCLI(LightningCLI):
         self.run_dir_lock = run_dir_lock
         self.ckpt_path: Optional[str] = None
         self.resume_step = 0  # the step the run continues from (0 for a new run)
+        self._resume_hparams: Any = None  # the checkpoint's model settings, when resuming
         super().__init__(
             GPTModule,
             TextDataModule,
@@ -114,7 +128,8 @@ class GPTLightningCLI(LightningCLI):
             "--ckpt_path",
             type=Optional[str],
             default=None,
-            help="resume from 'last' (RUN/checkpoints/last.ckpt), 'best' (RUN/checkpoints/best.ckpt) or a file",
+            help="resume from 'last' (RUN/checkpoints/last.ckpt), 'best' (RUN/checkpoints/best.ckpt) or a file; "
+            "'auto' resumes as last when the run dir holds checkpoints, else starts fresh (jobs a scheduler restarts)",
         )
         parser.add_argument(
             "--logger",
@@ -170,11 +185,20 @@ class GPTLightningCLI(LightningCLI):
             self.run_dir_lock.enter_context(RunLock(trainer.default_root_dir))
         self.ckpt_path = resolve_ckpt_path(config.ckpt_path, Path(trainer.default_root_dir))
         if self.ckpt_path is not None:
-            self.resume_step = int(read_checkpoint(self.ckpt_path, mmap=True)["global_step"])
+            checkpoint = read_checkpoint(self.ckpt_path, mmap=True)
+            self.resume_step = int(checkpoint["global_step"])
+            self._resume_hparams = checkpoint.get("hyper_parameters")
         if config.model.init_from:
             self._shape_from_pretrained(config)
         if torch.cuda.is_available():
             torch.set_float32_matmul_precision("high")  # TF32 matmuls: free speed on Ampere and newer
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if isinstance(self._resume_hparams, dict):
+            # a resume the checkpoint refuses, refused before any process starts: under a launcher every rank
+            # finds it, and main() has rank 0 alone say it (GPTModule checks again as the checkpoint loads)
+            check_resume_config(self._resume_hparams, dict(self.model.hparams))
 
     def _shape_from_pretrained(self, config: Any) -> None:
         """--model.init_from: the model's shape and the data's tokenizer are the pretrained folder's."""
@@ -229,7 +253,7 @@ class GPTLightningCLI(LightningCLI):
         if fp16 is not None and not any(isinstance(p, Precision) for p in plugins):
             plugins.append(fp16)  # fp16 on a CPU as asked, not Lightning's bf16 in its place
             kwargs["precision"] = None  # the plugin is the precision; Lightning refuses both
-        kwargs["plugins"] = plugins
+        kwargs["plugins"] = one_checkpoint_mechanism(plugins)  # under SLURM: Lightning's auto-requeue off
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError) as e:  # e.g. more devices than the machine has, a bad name
@@ -265,24 +289,32 @@ def silence_lightning_tips() -> None:
         logger.addFilter(_NoAdvertisements())
 
 
+class _SignalledOutsideTraining(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 @contextmanager
-def _sigterm_exits() -> Iterator[None]:
-    """SIGTERM before training starts (or after it ends) exits through Python, so the run dir's lock is released;
-    while training runs, FaultTolerance's handler takes its place and checkpoints first."""
+def _signals_exit() -> Iterator[None]:
+    """SIGTERM or SIGUSR1 before training starts (or after it ends) exits through Python, so the run dir's lock is
+    released; while training runs, FaultTolerance's handlers take their place and checkpoint first."""
 
     def stop(signum: int, frame: Any) -> None:
-        print(f"stopped: {signal.Signals(signum).name} received outside the training loop", file=sys.stderr)
-        sys.exit(128 + signum)
+        raise _SignalledOutsideTraining(signum)
 
+    previous: dict[int, Any] = {}
     try:
-        previous = signal.signal(signal.SIGTERM, stop)
+        for signum in stop_signals():
+            if signum != signal.SIGINT:  # Ctrl-C stays Python's KeyboardInterrupt
+                previous[signum] = signal.signal(signum, stop)
     except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
+        pass
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @contextmanager
@@ -309,21 +341,37 @@ def main(args: Optional[list[str]] = None) -> None:
     warnings.filterwarnings("ignore", message=r".*IterableDataset. has .__len__. defined.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     silence_lightning_tips()
+    hide_srun_hint()
     if hasattr(signal, "SIGXFSZ"):
         # a file size limit (ulimit -f) then fails the write with EFBIG, reported below, instead of killing the run
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     cli: Optional[GPTLightningCLI] = None
     try:
         # the run dir's lock is released as this block ends, however it ends (a return, an error, a signal)
-        with _sigterm_exits(), ExitStack() as run_dir_lock, _storage_failures_reported_once():
+        with _signals_exit(), ExitStack() as run_dir_lock, _storage_failures_reported_once():
             cli = GPTLightningCLI(args, run_dir_lock=run_dir_lock)
             fit_with_rollbacks(cli.trainer, cli.model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path)
-    except TrainingInterrupted as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+    except (TrainingInterrupted, _SignalledOutsideTraining) as e:
+        # the run dir's lock is released by now: a requeued job may take it at once. Every rank stopped at the same
+        # step: rank 0 says so for all
+        if not is_global_rank_zero():
+            pass
+        elif isinstance(e, TrainingInterrupted):
+            print(f"stopped: {e}", file=sys.stderr, flush=True)
+        else:
+            print(f"stopped: {signal.Signals(e.signum).name} received outside the training loop", file=sys.stderr,
+                  flush=True)
+        if wants_requeue(e.signum):
+            requeue_job()
+        sys.exit(128 + e.signum)
     except NanoGPTError as e:  # StorageError (exit 3) included: checkpoint writes report their own failures
+        if cli is None and not is_global_rank_zero():
+            # a start refused before training: every rank read the same command and files, rank 0 says it once
+            sys.exit(e.exit_code)
         exit_with(e)
     except ArgumentError as e:
+        if not is_global_rank_zero():
+            sys.exit(2)  # rank 0 reports the same command's mistake
         message = " ".join(str(e).split())  # jsonargparse's messages can span lines
         print(f"error: {message} (see train.py --help for the accepted options)", file=sys.stderr)
         sys.exit(2)

@@ -1,6 +1,8 @@
 """Stopping well: SIGTERM and Ctrl-C finish the step and checkpoint; a non-finite loss stops before it harms the weights.
 
     SIGTERM (cluster preemption) -> checkpoint, exit 143;  SIGINT (Ctrl-C) -> checkpoint, exit 130.
+    SIGUSR1 (SLURM's warning before a time limit) -> checkpoint, exit 138, and the job requeued
+    (nanogpt/training/cluster.py).
     A second Ctrl-C while that checkpoint is written aborts at once (the previous checkpoint stays intact).
     A NaN or inf loss or gradient -> the optimizer skips that step on the device (no host sync), and the run stops
     with an error naming it at the next logging step or checkpoint, whichever comes first. On a CPU, where reading
@@ -19,6 +21,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
 from nanogpt.training.checkpointing import save_last_checkpoint
+from nanogpt.training.cluster import stop_signals
 from nanogpt.io import non_finite_tensors
 from nanogpt.training.strategies import all_reduce
 from nanogpt.errors import NanoGPTError, StoppedWithAnotherRank
@@ -215,7 +218,7 @@ class StopVote:
 
 
 class FaultTolerance(Callback):
-    """Turns SIGTERM / SIGINT into a checkpoint at the next step boundary, and stops on a non-finite loss.
+    """Turns SIGTERM / SIGINT / SIGUSR1 into a checkpoint at the next step boundary, and stops on a non-finite loss.
 
     Signal handlers are installed when training starts (after Lightning's own, which they replace while
     training runs) and the previous ones are put back when it ends. The decision to stop is taken on all
@@ -248,7 +251,7 @@ class FaultTolerance(Callback):
         # read the non-finite flags where the logs are written (a sync there anyway); with logging off, every 100
         self._every = trainer.log_every_n_steps if trainer.log_every_n_steps > 0 else 100
         installed = True
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in stop_signals():
             try:
                 self._previous[signum] = signal.signal(signum, self._handle)
             except ValueError:  # not the main thread (e.g. a notebook worker): leave signals alone

@@ -6,7 +6,9 @@ the file:
 - flock held: a live run holds the dir -> refused, naming it;
 - flock free, written by this host and its PID is gone (kill -9, power loss): taken over, saying so;
 - flock free, written by another host: refused, with how to delete the file when that run is known to be dead
-  (an flock may not reach across hosts on a network filesystem, so another host's lock is never taken silently).
+  (an flock may not reach across hosts on a network filesystem, so another host's lock is never taken silently);
+  except by a later start of the same launcher job (SLURM requeues a job, torchrun restarts its group, only once
+  the earlier start's processes are gone, and the next start may land on another node): taken over, saying so.
 Only global rank 0 takes the lock: the other processes of a DDP or multi-node run share the dir with it.
 """
 
@@ -30,6 +32,17 @@ LOCK_NAME = "run.lock"
 # processes it starts), SLURM and LSF. Lightning's rank_zero_only.rank reads RANK, LOCAL_RANK, SLURM_PROCID and
 # JSM_NAMESPACE_RANK only, so it calls the first process of node 1 of a Lightning-launched multi-node run rank 0.
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+# a launcher's job id, constant across its restarts, and the count of those restarts
+JOB_VARIABLES = (("SLURM_JOB_ID", "SLURM_RESTART_COUNT"), ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"))
+
+
+def launcher_job(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """{"job": "SLURM_JOB_ID=N", "restart": count} under a launcher that restarts jobs, else {}."""
+    for job, count in JOB_VARIABLES:
+        if environ.get(job):
+            restart = environ.get(count, "0").strip()
+            return {"job": f"{job}={environ[job]}", "restart": int(restart) if restart.isdigit() else 0}
+    return {}
 
 
 def is_global_rank_zero(environ: Mapping[str, str] = os.environ) -> bool:
@@ -117,7 +130,7 @@ class RunLock:
             holder = self._read(fd)
             self._check(holder, ours)
             record = {"host": socket.gethostname(), "pid": os.getpid(),
-                      "started": datetime.now().astimezone().isoformat(sep=" ", timespec="seconds")}
+                      "started": datetime.now().astimezone().isoformat(sep=" ", timespec="seconds"), **launcher_job()}
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
             os.fsync(fd)
@@ -144,6 +157,12 @@ class RunLock:
             return
         remove = f"if you know that run is dead, delete {self.path} and start again"
         if holder.get("host") != socket.gethostname():
+            job = launcher_job()
+            if job and holder.get("job") == job["job"] and isinstance(holder.get("restart"), int) \
+                    and holder["restart"] < job["restart"]:
+                self.log(f"note: took over the lock of run dir {self.run_dir} from an earlier start of this job "
+                         f"({job['job']}, {_describe(holder)}), which its launcher has restarted since")
+                return
             raise NanoGPTError(f"run dir {self.run_dir} is locked by a run on another host ({_describe(holder)}): "
                                f"{wait}; {remove}")
         pid = holder.get("pid")
