@@ -15,7 +15,7 @@ import threading
 import warnings
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import lightning
 import torch
@@ -296,9 +296,14 @@ class _SignalledOutsideTraining(Exception):
 
 
 @contextmanager
-def _signals_exit() -> Iterator[None]:
-    """SIGTERM or SIGUSR1 before training starts (or after it ends) exits through Python, so the run dir's lock is
-    released; while training runs, FaultTolerance's handlers take their place and checkpoint first."""
+def _signals_exit() -> Iterator[Callable[[], None]]:
+    """SIGTERM or SIGUSR1 before training starts exits through Python, so the run dir's lock is released; while
+    training runs, FaultTolerance's handlers take their place and checkpoint first.
+
+    Yields `finished`, to call once training has ended: SLURM's time-limit warning (SIGUSR1) is then ignored for
+    the rest of the process, since there is nothing left to save or requeue (its default action would kill the
+    process, and SLURM would mark a complete job as failed).
+    """
 
     def stop(signum: int, frame: Any) -> None:
         raise _SignalledOutsideTraining(signum)
@@ -310,8 +315,14 @@ def _signals_exit() -> Iterator[None]:
                 previous[signum] = signal.signal(signum, stop)
     except ValueError:  # not the main thread: leave signals alone
         pass
+    def finished() -> None:
+        usr1 = getattr(signal, "SIGUSR1", None)
+        if usr1 in previous:
+            signal.signal(usr1, signal.SIG_IGN)
+            previous[usr1] = signal.SIG_IGN  # and so it stays when this block ends
+
     try:
-        yield
+        yield finished
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -348,9 +359,10 @@ def main(args: Optional[list[str]] = None) -> None:
     cli: Optional[GPTLightningCLI] = None
     try:
         # the run dir's lock is released as this block ends, however it ends (a return, an error, a signal)
-        with _signals_exit(), ExitStack() as run_dir_lock, _storage_failures_reported_once():
+        with _signals_exit() as training_finished, ExitStack() as run_dir_lock, _storage_failures_reported_once():
             cli = GPTLightningCLI(args, run_dir_lock=run_dir_lock)
             fit_with_rollbacks(cli.trainer, cli.model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path)
+            training_finished()
     except (TrainingInterrupted, _SignalledOutsideTraining) as e:
         # the run dir's lock is released by now: a requeued job may take it at once. Every rank stopped at the same
         # step: rank 0 says so for all

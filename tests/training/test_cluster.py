@@ -19,7 +19,7 @@ import pytest
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from nanogpt.errors import NanoGPTError, hide_srun_hint
-from nanogpt.training.cli import resolve_ckpt_path
+from nanogpt.training.cli import _signals_exit, resolve_ckpt_path
 from nanogpt.training.cluster import one_checkpoint_mechanism, requeue_id, requeue_job, restart_of
 from nanogpt.training.runlock import LOCK_NAME, RunLock
 from tests.conftest import REPO, read_scalars, run_train
@@ -91,6 +91,24 @@ def test_auto_refuses_another_model_shape_before_training_starts(uninterrupted_d
 
 
 # ---- the launchers' variables ------------------------------------------------------------------------------------
+
+
+def test_a_time_limit_warning_after_training_ended_is_ignored():
+    """SIGUSR1 that comes once training is over has nothing to save or requeue: it neither stops the process (its
+    default action, which SLURM would count as a failed job) nor raises; before that it stops through Python."""
+    with pytest.raises(BaseException) as stopped:
+        with _signals_exit():
+            os.kill(os.getpid(), signal.SIGUSR1)
+    assert getattr(stopped.value, "signum", None) == signal.SIGUSR1
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        with _signals_exit() as training_finished:
+            training_finished()
+            os.kill(os.getpid(), signal.SIGUSR1)  # would raise (or, with the default action, kill this process)
+        os.kill(os.getpid(), signal.SIGUSR1)  # and still after the block
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 def test_requeue_id_names_the_array_task_and_only_rank_0_requeues():
