@@ -14,8 +14,9 @@ import re
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Optional, Union
+from typing import Any, BinaryIO, Callable, Iterator, Optional, Union
 
 import torch
 
@@ -57,6 +58,20 @@ def _temp_beside(path: Path) -> tuple[int, str]:
     return fd, tmp
 
 
+@contextmanager
+def _replacing(path: Path) -> Iterator[tuple[int, str]]:
+    """A temp file beside path, as (open fd, name), for the block to fill: renamed over path when the block ends (and
+    the directory fsynced), removed if it raises. The fd is the block's to close."""
+    fd, tmp = _temp_beside(path)
+    try:
+        yield fd, tmp
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
 def atomic_write(path: Union[str, Path], write: Callable[[BinaryIO], Any]) -> None:
     """Calls write(file) on a temp file in path's directory, flushes and fsyncs it, then renames it over path.
 
@@ -64,17 +79,11 @@ def atomic_write(path: Union[str, Path], write: Callable[[BinaryIO], Any]) -> No
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _temp_beside(path)
-    try:
+    with _replacing(path) as (fd, _):
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def atomic_save(obj: Any, path: Union[str, Path]) -> None:
@@ -88,21 +97,15 @@ def atomic_link(src: Union[str, Path], dst: Union[str, Path]) -> None:
     Both ways go through a temp file and a rename, so dst is always either its old or its new content.
     """
     src, dst = Path(src), Path(dst)
-    fd, tmp = _temp_beside(dst)
-    os.close(fd)
-    try:
-        os.unlink(tmp)
+    with _replacing(dst) as (fd, tmp):
+        os.close(fd)
+        os.unlink(tmp)  # the name only: the link (or copy) takes its place
         try:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(dst.parent)
 
 
 def remove_stale_temp_files(directory: Union[str, Path]) -> list[Path]:
