@@ -288,8 +288,8 @@ def pretrained_settings(spec: str, user_set: dict[str, Any]) -> dict[str, Any]:
     unless set lower. A value in user_set (the settings a user gave) that differs is an error listing them all."""
     folder = resolve_pretrained(spec)
     shape = gpt2_shape(read_gpt2_config(folder), where=str(folder / "config.json"))
-    fixed = {"n_layer": shape.n_layer, "n_head": shape.n_head, "n_embd": shape.n_embd,
-             "activation": shape.activation, "bias": weights_have_bias(folder)}
+    # bias is read off the weights (config.json does not say); the other fields off the config
+    fixed = {k: weights_have_bias(folder) if k == "bias" else getattr(shape, k) for k in PRETRAINED_FIELDS}
     conflicts = [f"model.{k}={user_set[k]!r} (the model has {v!r})" for k, v in fixed.items()
                  if k in user_set and user_set[k] != v]
     block_size = user_set.get("block_size", shape.n_positions)
