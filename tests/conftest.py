@@ -43,6 +43,21 @@ def find_shakespeare(explicit: Optional[str], beside: Path, cache_dir: Optional[
         ) from None
 
 
+@pytest.fixture(autouse=True)
+def process_state_restored():
+    """Each test starts from the same process-wide state that a fresh train.py has: a benchmark's main() run in this
+    process sets torch's thread count (--threads), and a Trainer built for a simulated rank sets Lightning's
+    rank_zero_only.rank. Left changed, a later in-process run computes with other threads (so it is no longer
+    bit-identical to a run in a subprocess) or logs as a non-zero rank (nothing reaches the loggers)."""
+    import torch
+    from lightning_utilities.core.rank_zero import rank_zero_only
+
+    threads, rank = torch.get_num_threads(), getattr(rank_zero_only, "rank", 0)
+    yield
+    torch.set_num_threads(threads)
+    rank_zero_only.rank = rank
+
+
 @pytest.fixture(scope="session")
 def shakespeare_path() -> Path:
     try:

@@ -36,9 +36,8 @@ from nanogpt.data.datamodule import TextDataModule
 from nanogpt.training.strategies import apply_ddp_defaults
 from nanogpt.errors import NanoGPTError, exit_with, hide_srun_hint
 from nanogpt.training.fault import FaultTolerance, TrainingInterrupted
-from nanogpt.training.module import GPTModule
+from nanogpt.training.module import GPTModule, refuse_resume_into
 from nanogpt.training.precision import cpu_fp16_plugin, resolve_precision
-from nanogpt.training.resume import check_resume_config
 from nanogpt.hf.pretrained import PRETRAINED_FIELDS, pretrained_settings
 from nanogpt.private import TESTED_LIGHTNING_VERSIONS, is_tested_lightning
 from nanogpt.training.loggers import RunCSVLogger, RunTensorBoardLogger
@@ -109,7 +108,7 @@ class GPTLightningCLI(LightningCLI):
         self.run_dir_lock = run_dir_lock
         self.ckpt_path: Optional[str] = None
         self.resume_step = 0  # the step the run continues from (0 for a new run)
-        self._resume_hparams: Any = None  # the checkpoint's model settings, when resuming
+        self._resume_checkpoint: Optional[dict[str, Any]] = None  # its tokenizer and model settings, when resuming
         super().__init__(
             GPTModule,
             TextDataModule,
@@ -187,7 +186,7 @@ class GPTLightningCLI(LightningCLI):
         if self.ckpt_path is not None:
             checkpoint = read_checkpoint(self.ckpt_path, mmap=True)
             self.resume_step = int(checkpoint["global_step"])
-            self._resume_hparams = checkpoint.get("hyper_parameters")
+            self._resume_checkpoint = {k: checkpoint.get(k) for k in ("tokenizer", "hyper_parameters")}
         if config.model.init_from:
             self._shape_from_pretrained(config)
         if torch.cuda.is_available():
@@ -195,10 +194,10 @@ class GPTLightningCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
-        if isinstance(self._resume_hparams, dict):
+        if self._resume_checkpoint is not None:
             # a resume the checkpoint refuses, refused before any process starts: under a launcher every rank
             # finds it, and main() has rank 0 alone say it (GPTModule checks again as the checkpoint loads)
-            check_resume_config(self._resume_hparams, dict(self.model.hparams))
+            refuse_resume_into(self._resume_checkpoint, self.datamodule.tokenizer, dict(self.model.hparams))
 
     def _shape_from_pretrained(self, config: Any) -> None:
         """--model.init_from: the model's shape and the data's tokenizer are the pretrained folder's."""

@@ -303,14 +303,9 @@ class GPTModule(L.LightningModule):
         checkpoint["rng_states"] = states
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        refuse_resume_into(checkpoint, self.tokenizer, dict(self.hparams))
         stored = checkpoint.get("tokenizer")
         stored = None if stored is None else tokenizer_from_dict(stored)
-        # before the config check: a new tokenizer also changes vocab_size, and this names the cause
-        if stored is not None and self.tokenizer is not None and stored != self.tokenizer:
-            raise NanoGPTError(tokenizer_change(stored, self.tokenizer))
-        stored_hparams = checkpoint.get("hyper_parameters")
-        if isinstance(stored_hparams, dict):
-            check_resume_config(stored_hparams, dict(self.hparams))
         states = checkpoint.get("rng_states")
         try:
             rank, world = self.trainer.global_rank, self.trainer.world_size
@@ -325,6 +320,20 @@ class GPTModule(L.LightningModule):
             )
         if stored is not None:
             self._set_tokenizer(stored)
+
+
+def refuse_resume_into(checkpoint: dict[str, Any], tokenizer: Optional[Tokenizer], hparams: dict[str, Any]) -> None:
+    """Raises the one-line reason a run with this tokenizer and these model settings cannot resume checkpoint.
+
+    The tokenizer first: a new tokenizer also changes vocab_size, and its message names the cause.
+    """
+    stored = checkpoint.get("tokenizer")
+    stored = None if stored is None else tokenizer_from_dict(stored)
+    if stored is not None and tokenizer is not None and stored != tokenizer:
+        raise NanoGPTError(tokenizer_change(stored, tokenizer))
+    stored_hparams = checkpoint.get("hyper_parameters")
+    if isinstance(stored_hparams, dict):
+        check_resume_config(stored_hparams, hparams)
 
 
 def tokenizer_change(stored: Tokenizer, current: Tokenizer) -> str:

@@ -28,13 +28,14 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from tensorboard.plugins.text.summary_v2 import text_pb
 
 from nanogpt.data.blocks import DataSkips
 from nanogpt.errors import NanoGPTError
 from nanogpt.io import read_checkpoint
+from nanogpt.private import text_pb
 from nanogpt.training.fault import NonFiniteGuard, NonFiniteLossError
 from nanogpt.training.loggers import tensorboard_file_writers
+from nanogpt.training.module import require_gpt_module
 from nanogpt.training.steps import ends_optimizer_step
 
 
@@ -162,6 +163,7 @@ class Rollback(Callback):
 
     # --- hooks ----------------------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        require_gpt_module(pl_module, self, "the NonFiniteGuard (nonfinite)")
         if stage == "fit":
             self._apply_skips(trainer)  # a new run; a resumed one is set again from its checkpoint
 
@@ -215,7 +217,7 @@ class Rollback(Callback):
     def _check(self, trainer: L.Trainer, pl_module: L.LightningModule, saving: bool) -> None:
         """Collectives every rank makes at the same steps, and a host read: the first bad step, acted on."""
         found: list[BadStep] = []
-        guard: Optional[NonFiniteGuard] = getattr(pl_module, "nonfinite", None)
+        guard: Optional[NonFiniteGuard] = pl_module.nonfinite  # a GPTModule (setup checked): None when not guarding
         if guard is not None and (step := guard.bad_step(trainer)) is not None:
             found.append(BadStep(step, "non-finite", "its loss or gradients became NaN or inf"))
         if self._losses:
@@ -260,7 +262,7 @@ class Rollback(Callback):
                     # the events of the abandoned steps are dropped from the curves, as on a resume: the writer
                     # (closed as the fit ended) is opened again with this purge step at its next event
                     logger.experiment.purge_step = step
-        guard = getattr(pl_module, "nonfinite", None)
+        guard = pl_module.nonfinite
         if isinstance(guard, NonFiniteGuard):  # its unread flags belong to the abandoned steps
             pl_module.nonfinite = NonFiniteGuard(guard.skip_on_device)
         return path

@@ -133,7 +133,11 @@ def test_the_monitor_takes_the_peak_of_the_precision_in_use_or_says_why_not(monk
     lines: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())
-    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # where rank_zero_info writes
+    # where rank_zero_info writes: the logger lightning_utilities holds, which the last of lightning.pytorch and
+    # pytorch_lightning imported in this process has named
+    from lightning_utilities.core import rank_zero
+
+    logger = rank_zero.log
     logger.addHandler(handler)
     try:
         monitor = TrainingMonitor(sample_tokens=0)
