@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 from pathlib import Path
 
 import lightning as L
@@ -16,7 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from nanogpt.errors import StorageError
 from nanogpt.io import check_resumable
 from nanogpt.training.checkpoint_io import RunCheckpointIO
-from tests.training.test_disk_full import _can_make_read_only, make_read_only, make_writable
+from tests.training.test_disk_full import run_dir_broken
 
 ASYNC = pytest.mark.parametrize("async_save", [True, False], ids=["async", "sync"])
 
@@ -97,19 +96,10 @@ def test_a_failed_background_write_is_the_storage_error_and_keeps_the_older_file
     io = RunCheckpointIO(async_save=True)
     _save_point(io, ckpts, 5)
     io.wait()
-    if how == "readonly":
-        if not _can_make_read_only(tmp_path):
-            pytest.skip("cannot make a dir read-only here (root without chattr)")
-        make_read_only(ckpts)
-    else:
-        shutil.rmtree(tmp_path / "run")
-    try:
+    with run_dir_broken(tmp_path, ckpts, how):
         _save_point(io, ckpts, 10, "step-00000010.ckpt")  # returns: the write fails in the background
         with pytest.raises(StorageError) as raised:
             io.wait()
-    finally:
-        if how == "readonly":
-            make_writable(ckpts)
     message = str(raised.value)
     assert raised.value.exit_code == 3 and "\n" not in message
     if how == "readonly":

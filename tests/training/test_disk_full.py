@@ -16,7 +16,9 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -83,6 +85,23 @@ def _can_make_read_only(tmp_path: Path) -> bool:
         return True
     finally:
         make_writable(probe)
+
+
+@contextmanager
+def run_dir_broken(tmp_path: Path, ckpts: Path, how: str) -> Iterator[None]:
+    """For the block, the checkpoint dir made read-only ("readonly", skipped where it cannot be) or the run dir
+    deleted ("vanish"); a read-only dir is writable again afterwards."""
+    if how == "readonly":
+        if not _can_make_read_only(tmp_path):
+            pytest.skip("cannot make a dir read-only here (root without chattr)")
+        make_read_only(ckpts)
+    else:
+        shutil.rmtree(tmp_path / "run")
+    try:
+        yield
+    finally:
+        if how == "readonly":
+            make_writable(ckpts)
 
 
 def _train(run: Path, cache: Path, *extra, resume: bool = False):
@@ -204,18 +223,9 @@ def test_a_failed_save_is_a_storage_error_naming_what_is_safe(tmp_path, how):
         ckpts = tmp_path / "run" / "checkpoints"
         io.save_checkpoint({"global_step": 3, "state_dict": {"w": torch.ones(10)}, "optimizer_states": [],
                             "loops": {}}, ckpts / "last.ckpt")
-        if how == "readonly":
-            if not _can_make_read_only(tmp_path):
-                pytest.skip("cannot make a dir read-only here (root without chattr)")
-            make_read_only(ckpts)
-        else:
-            shutil.rmtree(tmp_path / "run")
-        try:
+        with run_dir_broken(tmp_path, ckpts, how):
             with pytest.raises(StorageError) as raised:
                 io.save_checkpoint({"global_step": 4, "state_dict": {"w": torch.ones(10)}}, ckpts / "step-4.ckpt")
-        finally:
-            if how == "readonly":
-                make_writable(ckpts)
         message = str(raised.value)
         if how == "readonly":
             assert f"{ckpts / 'last.ckpt'} (step 3) is intact" in message and "writable" in message, message
