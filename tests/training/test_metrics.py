@@ -122,30 +122,21 @@ def test_sample_seed_gives_the_same_text_on_two_runs(tmp_path, shakespeare_path)
 def test_the_monitor_takes_the_peak_of_the_precision_in_use_or_says_why_not(monkeypatch, device_name, precision,
                                                                            peak):
     """TrainingMonitor.on_fit_start on a GPU, its CPU twin: torch.cuda names the GPU, the module says it is on cuda."""
-    import logging
     from types import SimpleNamespace
 
     import torch
 
-    from nanogpt.training.metrics import TrainingMonitor
+    from nanogpt.training import metrics
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: device_name)
+    # what the monitor says on rank 0 (rank_zero_info); read at the call, since the logger Lightning writes it to,
+    # its level and its handlers are process-wide state that other libraries in a test process change
     lines: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())
-    # where rank_zero_info writes: the logger lightning_utilities holds, which the last of lightning.pytorch and
-    # pytorch_lightning imported in this process has named
-    from lightning_utilities.core import rank_zero
-
-    logger = rank_zero.log
-    logger.addHandler(handler)
-    try:
-        monitor = TrainingMonitor(sample_tokens=0)
-        module = SimpleNamespace(tokenizer=None, model=GPT(GPTConfig(vocab_size=65, block_size=8, n_layer=1, n_head=1,
-                                                                     n_embd=8)), device=torch.device("cuda", 0))
-        monitor.on_fit_start(SimpleNamespace(precision=precision, world_size=2), module)
-    finally:
-        logger.removeHandler(handler)
+    monkeypatch.setattr(metrics, "rank_zero_info", lambda message, *args, **kwargs: lines.append(message))
+    monitor = metrics.TrainingMonitor(sample_tokens=0)
+    module = SimpleNamespace(tokenizer=None, model=GPT(GPTConfig(vocab_size=65, block_size=8, n_layer=1, n_head=1,
+                                                                 n_embd=8)), device=torch.device("cuda", 0))
+    monitor.on_fit_start(SimpleNamespace(precision=precision, world_size=2), module)
     assert monitor._peak_flops == (peak * 1e12 * 2 if peak else None)  # per device, times the devices
     said = [line for line in lines if line.startswith("train/mfu:")]
     if peak:
